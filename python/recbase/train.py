@@ -1,0 +1,281 @@
+"""Pretraining on concept-ID sequences of many domains.
+
+Sequences (one per user: BOS then the concept tokens of the user's items) are packed into
+jagged batches with no padding (``cu_seqlens``), trained with AdamW, linear warm-up + cosine
+decay, gradient clipping and bf16 autocast on GPU. Each epoch ends with a validation loss on
+the held-out next item; training stops early when it stops improving.
+
+Checkpoints are atomic (temp file + rename) and hold everything needed to continue exactly:
+model, optimizer, scheduler, RNG state, epoch and position within the epoch. The batch order
+of an epoch is a pure function of ``(seed, epoch)``, so a run that is killed and restarted
+ends with the same model as one that ran through.
+
+Data parallel: run under ``torchrun``; each rank trains on its shard of every packed batch and
+the loss is scaled by the rank's share of the batch's target tokens, so the averaged gradient
+equals the single-process gradient of the whole batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    tokens_per_batch: int = 16384
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    patience: int = 2
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = only at epoch ends
+    device: str = "cpu"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def pack_batches(lengths: Sequence[int], tokens_per_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Greedy packing of a seeded permutation into batches of at most ``tokens_per_batch`` tokens."""
+    lengths = np.asarray(lengths)
+    if len(lengths) and lengths.max() > tokens_per_batch:
+        raise ValueError(
+            f"tokens_per_batch={tokens_per_batch} is smaller than the longest sequence "
+            f"({int(lengths.max())} tokens)"
+        )
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    batches, cur, used = [], [], 0
+    for i in order:
+        if used + lengths[i] > tokens_per_batch and cur:
+            batches.append(np.array(cur))
+            cur, used = [], 0
+        cur.append(i)
+        used += lengths[i]
+    if cur:
+        batches.append(np.array(cur))
+    return batches
+
+
+def collate(seqs: Sequence[torch.Tensor], target_items_only: int = 0):
+    """Pack sequences: (input_ids [T], cu_seqlens [B+1] int32, labels [T]).
+
+    ``labels`` equal the inputs (the model shifts inside each sequence); with
+    ``target_items_only = L`` only the last item's L tokens are scored (validation).
+    """
+    ids = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in seqs])
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lens, 0)
+    labels = ids.clone()
+    if target_items_only:
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        for end in cu[1:].tolist():
+            mask[end - target_items_only:end] = False
+        labels[mask] = IGNORE
+    return ids, cu, labels
+
+
+def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Trainer:
+    """Pretrains a ``RecBaseForCausalLM`` on packed concept-ID sequences.
+
+    ``train`` and ``valid`` are lists of 1-D token-id sequences; in ``valid`` the last
+    ``levels`` tokens of each sequence are the held-out item that the validation loss scores.
+    """
+
+    def __init__(self, model, train: Sequence, valid: Sequence, config: TrainConfig,
+                 output_dir: str | os.PathLike | None = None):
+        if len(train) == 0:
+            raise ValueError("train: no training sequences")
+        self.model = model
+        self.cfg = config
+        self.train_seqs = [torch.as_tensor(s, dtype=torch.long) for s in train]
+        self.valid_seqs = [torch.as_tensor(s, dtype=torch.long) for s in valid]
+        self.levels = int(model.config.levels)
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.device = torch.device(config.device)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.model.to(self.device)
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(model)
+        lengths = [len(s) for s in self.train_seqs]
+        self.steps_per_epoch = len(pack_batches(lengths, config.tokens_per_batch, config.seed, 0))
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": float("inf"),
+                      "bad_epochs": 0, "history": [], "done": False}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.output_dir / "checkpoint.pt" if self.output_dir else None
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is None or self.rank != 0:
+            return
+        _atomic_torch_save({
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "state": self.state, "rng": torch.get_rng_state(), "config": asdict(self.cfg),
+        }, self.checkpoint_path)
+
+    def load_checkpoint(self) -> bool:
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            return False
+        try:
+            ck = torch.load(path, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+        except Exception as exc:  # a truncated or foreign file must not be half-loaded silently
+            raise ValueError(f"checkpoint {path} is corrupt or does not match the model: {exc}") from exc
+        self.state = ck["state"]
+        torch.set_rng_state(ck["rng"])
+        return True
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _loss(self, seqs, target_items_only=0, train=True):
+        ids, cu, labels = collate(seqs, target_items_only)
+        ids, cu, labels = ids.to(self.device), cu.to(self.device), labels.to(self.device)
+        model = self.ddp if (train and self.ddp is not None) else self.model
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = model(input_ids=ids, cu_seqlens=cu, labels=labels)
+        n_targets = self._num_targets(cu, labels)
+        return out.loss.float() * n_targets, n_targets  # the model's loss is a mean over targets
+
+    @staticmethod
+    def _num_targets(cu, labels) -> int:
+        # the first token of each sequence is never a target (nothing precedes it)
+        valid = labels != IGNORE
+        valid[cu[:-1].long()] = False
+        return int(valid.sum())
+
+    def _shard(self, batch: np.ndarray) -> np.ndarray:
+        return batch[self.rank::self.world]
+
+    def train_step(self, batch: np.ndarray) -> float:
+        self.model.train()
+        lr = self.cfg.lr * _lr_factor(self.state["global_step"], self.total_steps, self.cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        local = [self.train_seqs[i] for i in self._shard(batch)]
+        total_targets = sum(self._num_targets(*collate([self.train_seqs[i]])[1:]) for i in batch)
+        if local:
+            loss_sum, _ = self._loss(local)
+        else:  # more ranks than sequences in this batch: contribute a zero gradient
+            loss_sum = sum(p.sum() * 0 for p in self.model.parameters())
+        # DDP averages gradients over ranks; scaling by world/total makes that the global mean.
+        loss = loss_sum * (self.world / max(total_targets, 1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.state["global_step"] += 1
+        return float(loss_sum.detach()) / max(total_targets, 1) * self.world
+
+    @torch.no_grad()
+    def validate(self, batch_tokens: int | None = None) -> float:
+        self.model.eval()
+        if not self.valid_seqs:
+            return float("nan")
+        lengths = [len(s) for s in self.valid_seqs]
+        total, count = 0.0, 0
+        for b in pack_batches(lengths, batch_tokens or self.cfg.tokens_per_batch, 0, 0):
+            loss_sum, n = self._loss([self.valid_seqs[i] for i in b], self.levels, train=False)
+            total += float(loss_sum)
+            count += n
+        return total / max(count, 1)
+
+    # -- loop -----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.load_checkpoint()
+        lengths = [len(s) for s in self.train_seqs]
+        bar = tqdm(total=self.total_steps, initial=self.state["global_step"], desc="pretrain",
+                   disable=not cfg.progress or self.rank != 0)
+        while not self.state["done"] and self.state["epoch"] < cfg.epochs:
+            epoch = self.state["epoch"]
+            batches = pack_batches(lengths, cfg.tokens_per_batch, cfg.seed, epoch)
+            running = []
+            for i in range(self.state["step_in_epoch"], len(batches)):
+                running.append(self.train_step(batches[i]))
+                self.state["step_in_epoch"] = i + 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{np.mean(running[-20:]):.4f}")
+                if cfg.checkpoint_every and self.state["global_step"] % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            val = self.validate()
+            record = {"epoch": epoch, "train_loss": float(np.mean(running)) if running else None,
+                      "valid_loss": val}
+            self.state["history"].append(record)
+            if val < self.state["best"] - 1e-4:
+                self.state["best"], self.state["bad_epochs"] = val, 0
+                self._save_best()
+            else:
+                self.state["bad_epochs"] += 1
+                self.state["done"] = self.state["bad_epochs"] >= cfg.patience
+            self.state["epoch"] += 1
+            self.state["step_in_epoch"] = 0
+            self.save_checkpoint()
+            self._log(record)
+        bar.close()
+        self._restore_best()
+        return self.state
+
+    def _save_best(self) -> None:
+        if self.output_dir and self.rank == 0:
+            _atomic_torch_save(self.model.state_dict(), self.output_dir / "best.pt")
+        elif not self.output_dir:
+            self._best_in_memory = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _restore_best(self) -> None:
+        if self.output_dir and (self.output_dir / "best.pt").exists():
+            self.model.load_state_dict(torch.load(self.output_dir / "best.pt", map_location=self.device))
+        elif getattr(self, "_best_in_memory", None) is not None:
+            self.model.load_state_dict(self._best_in_memory)
+
+    def _log(self, record: dict) -> None:
+        if self.output_dir and self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
