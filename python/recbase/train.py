@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,7 @@ class TrainConfig:
     patience: int = 2
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = only at epoch ends
+    time_budget_s: float | None = None  # stop (after validating) once training took this long
     device: str = "cpu"
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -233,6 +235,7 @@ class Trainer:
         lengths = [len(s) for s in self.train_seqs]
         bar = tqdm(total=self.total_steps, initial=self.state["global_step"], desc="pretrain",
                    disable=not cfg.progress or self.rank != 0)
+        started = time.perf_counter()
         while not self.state["done"] and self.state["epoch"] < cfg.epochs:
             epoch = self.state["epoch"]
             batches = pack_batches(lengths, cfg.tokens_per_batch, cfg.seed, epoch)
@@ -244,8 +247,11 @@ class Trainer:
                 bar.set_postfix(epoch=epoch, loss=f"{np.mean(running[-20:]):.4f}")
                 if cfg.checkpoint_every and self.state["global_step"] % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+                if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
+                    self.state["done"] = True  # out of time: validate this model and stop
+                    break
             val = self.validate()
-            record = {"epoch": epoch, "train_loss": float(np.mean(running)) if running else None,
+            record = {"epoch": epoch, "steps": self.state["global_step"], "train_loss": float(np.mean(running)) if running else None,
                       "valid_loss": val}
             self.state["history"].append(record)
             if val < self.state["best"] - 1e-4:
@@ -253,7 +259,7 @@ class Trainer:
                 self._save_best()
             else:
                 self.state["bad_epochs"] += 1
-                self.state["done"] = self.state["bad_epochs"] >= cfg.patience
+                self.state["done"] |= self.state["bad_epochs"] >= cfg.patience
             self.state["epoch"] += 1
             self.state["step_in_epoch"] = 0
             self.save_checkpoint()
