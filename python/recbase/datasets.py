@@ -398,6 +398,8 @@ def load(name: str, cache_dir: str | os.PathLike | None = None, *,
             tmp = path.with_suffix(".tmp")
             df.to_parquet(tmp, index=False)
             tmp.replace(path)
+        # read back so that the first and later calls return identical dtypes
+        items, interactions = pd.read_parquet(items_path), pd.read_parquet(inter_path)
         info["cache"] = str(parsed)
     return Dataset(items, interactions, src.domain, name, info)
 

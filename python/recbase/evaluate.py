@@ -234,9 +234,10 @@ def build_ctr_pairs(positives: Sequence[np.ndarray], num_items: int, *, max_posi
             raise ValueError(f"build_ctr_pairs: positives[{u}] has item indices outside [0, {num_items})")
         if pos.size == 0:
             continue
+        # every positive (sampled or not) and every excluded item is banned as a negative
+        banned = pos if exclude is None else np.union1d(pos, np.asarray(exclude[u], dtype=np.int64))
         if pos.size > max_positives:
             pos = rng.choice(pos, size=max_positives, replace=False)
-        banned = pos if exclude is None else np.union1d(pos, np.asarray(exclude[u], dtype=np.int64))
         n_free = num_items - banned.size
         k = min(num_negatives, n_free)
         if k > 0:
