@@ -1,0 +1,456 @@
+"""Honest baselines with one interface.
+
+* :class:`Popularity` — score(i) = number of training interactions of item i.
+* :class:`TextKNN` — zero-shot content baseline: user vector = mean of the (L2-normalised)
+  text embeddings of the history items; score(i) = cos(user vector, e_i).
+* :class:`SASRec` — in-domain self-attentive sequential recommender (Kang & McAuley 2018)
+  trained with full-softmax cross-entropy over the whole catalog at every position (the
+  variant that matches or beats BERT4Rec, Klenitskiy & Vasilev 2023), tied input/output item
+  embeddings, early stopping on validation NDCG@10, seeded.
+
+Common interface (item indices 0..N-1, histories oldest-first):
+
+* ``fit(train_sequences, num_items, ...) -> self``
+* ``scores(histories) -> (B, N) float32`` full-catalog scores
+* ``recommend(histories, k, exclude_history=True) -> (B, k) int64`` best first; with
+  ``exclude_history`` the user's history items are never recommended (standard for
+  leave-one-out on MovieLens, where a test item is never a repeat); ``-1`` pads when fewer
+  than k items remain. Ties are broken by lower item index.
+* ``score(histories, candidates) -> list of (C_b,) float32`` scores of given candidates
+  (the CTR/AUC protocol).
+
+Example:
+    >>> import numpy as np
+    >>> pop = Popularity().fit([np.array([0, 1, 1]), np.array([1, 2])], num_items=4)
+    >>> pop.recommend([np.array([1])], k=3).tolist()
+    [[0, 2, 3]]
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["BaseRecommender", "Popularity", "TextKNN", "SASRec", "top_k"]
+
+
+def _as_histories(histories) -> list[np.ndarray]:
+    if isinstance(histories, np.ndarray) and histories.ndim == 1 and histories.dtype != object:
+        raise TypeError("histories must be a list of 1-D item-index arrays (one per user), "
+                        "got a single 1-D array; wrap it in a list")
+    out = []
+    for b, h in enumerate(histories):
+        a = np.asarray(h, dtype=np.int64).ravel()
+        out.append(a[a >= 0])  # -1 padding allowed
+    return out
+
+
+def top_k(scores: np.ndarray, k: int, banned: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """Indices of the k largest scores per row (ties -> lower index first); ``banned[b]`` items
+    are excluded; rows with fewer than k allowed items are padded with -1."""
+    s = np.array(scores, dtype=np.float64, copy=True)
+    B, N = s.shape
+    if banned is not None:
+        for b, items in enumerate(banned):
+            if len(items):
+                s[b, items] = -np.inf
+    if np.isnan(s).any():
+        raise ValueError("top_k: scores contain NaN")
+    k_eff = min(k, N)
+    kth = -np.partition(-s, k_eff - 1, axis=1)[:, k_eff - 1]  # k-th largest score per row
+    out = np.full((B, k), -1, dtype=np.int64)
+    for b in range(B):
+        row = s[b]
+        cand = np.flatnonzero(row >= kth[b]) if np.isfinite(kth[b]) else np.flatnonzero(np.isfinite(row))
+        cand = cand[np.lexsort((cand, -row[cand]))][:k_eff]
+        out[b, :len(cand)] = cand
+    return out
+
+
+class BaseRecommender:
+    num_items: int = 0
+
+    def _check_histories(self, histories) -> list[np.ndarray]:
+        hs = _as_histories(histories)
+        for b, h in enumerate(hs):
+            if h.size and h.max() >= self.num_items:
+                raise ValueError(f"histories[{b}] has item index {h.max()} >= num_items={self.num_items}")
+        return hs
+
+    def scores(self, histories) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def recommend(self, histories, k: int = 10, *, exclude_history: bool = True,
+                  batch_size: int = 1024) -> np.ndarray:
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"recommend: k must be an int >= 1, got {k!r}")
+        hs = self._check_histories(histories)
+        outs = []
+        for s in range(0, len(hs), batch_size):
+            chunk = hs[s:s + batch_size]
+            sc = self.scores(chunk)
+            outs.append(top_k(sc, int(k), chunk if exclude_history else None))
+        return np.concatenate(outs) if outs else np.zeros((0, k), np.int64)
+
+    def score(self, histories, candidates, *, batch_size: int = 1024) -> list[np.ndarray]:
+        hs = self._check_histories(histories)
+        if len(candidates) != len(hs):
+            raise ValueError(f"score: candidates must have one array per history ({len(hs)}), "
+                             f"got {len(candidates)}")
+        out = []
+        for s in range(0, len(hs), batch_size):
+            sc = self.scores(hs[s:s + batch_size])
+            for row, cand in zip(sc, candidates[s:s + batch_size]):
+                c = np.asarray(cand, dtype=np.int64)
+                if c.size and (c.min() < 0 or c.max() >= self.num_items):
+                    raise ValueError(f"score: candidate item indices must be in [0, {self.num_items})")
+                out.append(row[c].astype(np.float32))
+        return out
+
+
+class Popularity(BaseRecommender):
+    """Most-interacted items of the training data."""
+
+    def fit(self, train_sequences, num_items: int, **_) -> "Popularity":
+        if not isinstance(num_items, (int, np.integer)) or num_items < 1:
+            raise ValueError(f"Popularity.fit: num_items must be an int >= 1, got {num_items!r}")
+        seqs = _as_histories(train_sequences)
+        flat = np.concatenate(seqs) if seqs else np.empty(0, np.int64)
+        if flat.size and flat.max() >= num_items:
+            raise ValueError(f"Popularity.fit: item index {flat.max()} >= num_items={num_items}")
+        self.num_items = int(num_items)
+        self.counts = np.bincount(flat, minlength=num_items).astype(np.float64)
+        return self
+
+    def scores(self, histories) -> np.ndarray:
+        return np.tile(self.counts.astype(np.float32), (len(histories), 1))
+
+
+class TextKNN(BaseRecommender):
+    """Cosine similarity between the mean history embedding and every catalog item.
+
+    Args:
+        item_embeddings: (N, d) text embeddings, row i = item index i (normalised here).
+        max_history: use only the most recent items (None = all).
+    Users with an empty history get all-zero scores (ties -> lowest indices).
+    Needs no training: ``fit`` only records sizes (zero-shot).
+    """
+
+    def __init__(self, item_embeddings, *, max_history: int | None = None) -> None:
+        e = np.asarray(item_embeddings, dtype=np.float32)
+        if e.ndim != 2 or e.shape[0] < 1:
+            raise ValueError(f"TextKNN: item_embeddings must be (num_items, d), got shape {e.shape}")
+        self.emb = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        self.num_items = e.shape[0]
+        self.max_history = max_history
+
+    def fit(self, train_sequences=None, num_items: int | None = None, **_) -> "TextKNN":
+        if num_items is not None and num_items != self.num_items:
+            raise ValueError(f"TextKNN.fit: num_items={num_items} but item_embeddings has "
+                             f"{self.num_items} rows")
+        return self
+
+    def user_vectors(self, histories) -> np.ndarray:
+        hs = self._check_histories(histories)
+        u = np.zeros((len(hs), self.emb.shape[1]), dtype=np.float32)
+        for b, h in enumerate(hs):
+            if self.max_history:
+                h = h[-self.max_history:]
+            if h.size:
+                u[b] = self.emb[h].mean(0)
+        return u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+
+    def scores(self, histories) -> np.ndarray:
+        return self.user_vectors(histories) @ self.emb.T
+
+
+# ----------------------------------------------------------------------------------------------
+# SASRec
+# ----------------------------------------------------------------------------------------------
+class SASRec(BaseRecommender):
+    """SASRec with full-softmax cross-entropy.
+
+    Input: the last ``max_len`` items (item i -> token i+1, 0 = padding, right-padded,
+    positions counted from the window start); pre-LayerNorm causal transformer blocks;
+    logits = h_t · E_items (tied embeddings). Training sequences are cut, from their end,
+    into windows of ``max_len + 1`` items overlapping by one, so every transition of every
+    user is a training target exactly once per epoch. Early stopping: validation NDCG@10
+    (full catalog, history excluded) every epoch, ``patience`` epochs, best weights kept.
+    """
+
+    def __init__(self, *, hidden: int = 64, blocks: int = 2, heads: int = 2, max_len: int = 50,
+                 dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 0.0,
+                 batch_size: int = 128, max_epochs: int = 200, patience: int = 5,
+                 max_seconds: float | None = None, seed: int = 0, device: str = "cpu",
+                 verbose: bool = False) -> None:
+        if hidden % heads:
+            raise ValueError(f"SASRec: hidden={hidden} must be divisible by heads={heads}")
+        self.hidden, self.blocks, self.heads, self.max_len = hidden, blocks, heads, max_len
+        self.dropout, self.lr, self.weight_decay = dropout, lr, weight_decay
+        self.batch_size, self.max_epochs, self.patience = batch_size, max_epochs, patience
+        self.max_seconds, self.seed, self.device, self.verbose = max_seconds, seed, device, verbose
+        self.history_: list[dict] = []
+
+    # -- model ---------------------------------------------------------------------------------
+    def _build(self, num_items: int):
+        import torch
+        from torch import nn
+        import torch.nn.functional as F
+
+        H, heads, p = self.hidden, self.heads, self.dropout
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ln1, self.ln2 = nn.LayerNorm(H), nn.LayerNorm(H)
+                self.qkv, self.proj = nn.Linear(H, 3 * H), nn.Linear(H, H)
+                self.ff = nn.Sequential(nn.Linear(H, 4 * H), nn.GELU(), nn.Dropout(p), nn.Linear(4 * H, H))
+                self.drop = nn.Dropout(p)
+
+            def forward(self, x):
+                B, T, _ = x.shape
+                q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4)
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                   dropout_p=p if self.training else 0.0)
+                x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, H)))
+                return x + self.drop(self.ff(self.ln2(x)))
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.item = nn.Embedding(num_items + 1, H, padding_idx=0)
+                self.pos = nn.Embedding(self_max_len, H)
+                self.drop = nn.Dropout(p)
+                self.blocks = nn.ModuleList(Block() for _ in range(self_blocks))
+                self.ln = nn.LayerNorm(H)
+                nn.init.normal_(self.item.weight, std=0.02)
+                nn.init.normal_(self.pos.weight, std=0.02)
+                with torch.no_grad():
+                    self.item.weight[0].zero_()
+
+            def forward(self, tokens):  # (B, T) -> (B, T, H)
+                T = tokens.shape[1]
+                x = self.item(tokens) * math.sqrt(H) + self.pos(torch.arange(T, device=tokens.device))
+                x = self.drop(x)
+                for blk in self.blocks:
+                    x = blk(x)
+                return self.ln(x)
+
+            def logits(self, h):  # (..., H) -> (..., N) over real items
+                return h @ self.item.weight[1:].T
+
+        self_max_len, self_blocks = self.max_len, self.blocks
+        return Net()
+
+    def _windows(self, seqs: list[np.ndarray]) -> np.ndarray:
+        """(W, max_len+1) right-padded token windows (item+1, 0 = pad)."""
+        L = self.max_len + 1
+        rows = []
+        for s in seqs:
+            if len(s) < 2:
+                continue
+            end = len(s)
+            while True:
+                start = max(0, end - L)
+                rows.append(s[start:end] + 1)
+                if start == 0:
+                    break
+                end = start + 1  # overlap one item: every transition appears once
+        out = np.zeros((len(rows), L), dtype=np.int64)
+        for r, w in enumerate(rows):
+            out[r, :len(w)] = w
+        return out
+
+    def _tokens(self, histories: list[np.ndarray]):
+        """Right-padded (B, T) tokens of the last max_len items + index of each last item."""
+        import torch
+        T = max(1, min(self.max_len, max((len(h) for h in histories), default=1)))
+        tok = np.zeros((len(histories), T), dtype=np.int64)
+        last = np.zeros(len(histories), dtype=np.int64)
+        for b, h in enumerate(histories):
+            h = h[-self.max_len:]
+            tok[b, :len(h)] = h + 1
+            last[b] = max(len(h) - 1, 0)
+        return torch.from_numpy(tok).to(self.device), torch.from_numpy(last).to(self.device)
+
+    def fit(self, train_sequences, num_items: int, *, valid_histories=None, valid_targets=None,
+            **_) -> "SASRec":
+        """Train on ``train_sequences``; early-stop on (valid_histories, valid_targets) if
+        given (else train ``max_epochs``)."""
+        import torch
+        import torch.nn.functional as F
+        from .evaluate import ndcg_at_k
+
+        if not isinstance(num_items, (int, np.integer)) or num_items < 1:
+            raise ValueError(f"SASRec.fit: num_items must be an int >= 1, got {num_items!r}")
+        self.num_items = int(num_items)
+        seqs = self._check_histories(train_sequences)
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        self.net = self._build(self.num_items).to(self.device)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        windows = self._windows(seqs)
+        if len(windows) == 0:
+            raise ValueError("SASRec.fit: no training sequence has 2 or more items")
+        use_valid = valid_histories is not None and valid_targets is not None
+        if use_valid:
+            v_hist = self._check_histories(valid_histories)
+            v_tgt = np.asarray(valid_targets, dtype=np.int64)
+        best, best_state, bad = -1.0, None, 0
+        t0 = time.perf_counter()
+        for epoch in range(self.max_epochs):
+            self.net.train()
+            perm = rng.permutation(len(windows))
+            total, n = 0.0, 0
+            for s in range(0, len(perm), self.batch_size):
+                w = torch.from_numpy(windows[perm[s:s + self.batch_size]]).to(self.device)
+                inp, tgt = w[:, :-1], w[:, 1:]
+                # trim all-padding columns at the end of the batch
+                width = int((inp > 0).sum(1).max())
+                inp, tgt = inp[:, :width], tgt[:, :width]
+                h = self.net(inp)
+                mask = tgt > 0
+                loss = F.cross_entropy(self.net.logits(h[mask]), tgt[mask] - 1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * int(mask.sum())
+                n += int(mask.sum())
+            rec = {"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": time.perf_counter() - t0}
+            if use_valid:
+                rank = self.recommend(v_hist, 10, exclude_history=True)
+                rec["valid_ndcg@10"] = ndcg_at_k(rank, v_tgt, 10)
+                if rec["valid_ndcg@10"] > best:
+                    best, bad = rec["valid_ndcg@10"], 0
+                    best_state = copy.deepcopy(self.net.state_dict())
+                else:
+                    bad += 1
+            self.history_.append(rec)
+            if self.verbose:
+                print(rec, flush=True)
+            if use_valid and bad >= self.patience:
+                break
+            if self.max_seconds is not None and time.perf_counter() - t0 > self.max_seconds:
+                break
+        if best_state is not None:
+            self.net.load_state_dict(best_state)
+        self.best_valid_ndcg10_ = best if use_valid else None
+        self.net.eval()
+        return self
+
+    def scores(self, histories) -> np.ndarray:
+        import torch
+        if not hasattr(self, "net"):
+            raise RuntimeError("SASRec: call fit() before scoring")
+        hs = self._check_histories(histories)
+        self.net.eval()
+        with torch.inference_mode():
+            tok, last = self._tokens(hs)
+            h = self.net(tok)
+            h = h[torch.arange(len(hs), device=h.device), last]
+            out = self.net.logits(h).float().cpu().numpy()
+        for b, hh in enumerate(hs):  # an empty history carries no signal: flat scores
+            if hh.size == 0:
+                out[b] = 0.0
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: reproducible baseline numbers
+# ----------------------------------------------------------------------------------------------
+def prepare(name: str, *, cache_dir=None, min_rating: float | None = None, user_k: int = 0,
+            item_k: int = 0):
+    """Load a dataset, optionally make it implicit (rating >= min_rating) and k-core it, and
+    split it leave-one-out. Returns (dataset, split)."""
+    from . import datasets
+    from .data.splits import leave_one_out
+    ds = datasets.load(name, cache_dir)
+    if min_rating is not None:
+        ds = ds.to_implicit(min_rating)
+    if user_k or item_k:
+        ds = ds.kcore(user_k, item_k)
+    return ds, leave_one_out(ds)
+
+
+def item_text_embeddings(ds, *, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """Text embeddings (catalog order) of a dataset's items with its domain's template."""
+    from .data.encoder import TextEncoder
+    from .data.text import render_items
+    enc = TextEncoder(batch_size=batch_size, progress=progress)
+    emb = enc.encode(render_items(ds.items, ds.domain))
+    return emb, enc.last_stats
+
+
+def main(argv=None) -> dict:
+    import argparse
+    import json
+    from .evaluate import evaluate_rankings
+
+    ap = argparse.ArgumentParser(prog="python -m recbase.baselines",
+                                 description="Leave-one-out, full-catalog baseline numbers")
+    ap.add_argument("--dataset", default="ml-1m")
+    ap.add_argument("--models", default="pop,textknn,sasrec")
+    ap.add_argument("--min-rating", type=float, default=None)
+    ap.add_argument("--user-k", type=int, default=0)
+    ap.add_argument("--item-k", type=int, default=0)
+    ap.add_argument("--include-history", action="store_true",
+                    help="allow history items in the ranking (default: excluded)")
+    ap.add_argument("--max-len", type=int, default=50)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--dropout", type=float, default=0.2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--patience", type=int, default=5)
+    ap.add_argument("--max-seconds", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    ds, split = prepare(args.dataset, cache_dir=args.cache_dir, min_rating=args.min_rating,
+                        user_k=args.user_k, item_k=args.item_k)
+    print(ds, split, f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    excl = not args.include_history
+    results: dict = {"dataset": args.dataset, "stats": ds.stats(), "exclude_history": excl}
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        t = time.perf_counter()
+        if name == "pop":
+            model = Popularity().fit(split.train_sequences, split.num_items)
+        elif name == "textknn":
+            emb, st = item_text_embeddings(ds)
+            results["encoder"] = st
+            model = TextKNN(emb)
+        elif name == "sasrec":
+            model = SASRec(hidden=args.hidden, blocks=args.blocks, heads=args.heads,
+                           max_len=args.max_len, dropout=args.dropout, lr=args.lr,
+                           batch_size=args.batch_size, max_epochs=args.max_epochs,
+                           patience=args.patience, max_seconds=args.max_seconds, seed=args.seed,
+                           verbose=True)
+            model.fit(split.train_sequences, split.num_items,
+                      valid_histories=split.valid_histories, valid_targets=split.valid_targets)
+        else:
+            raise SystemExit(f"unknown model {name!r}; choose from pop, textknn, sasrec")
+        fit_s = time.perf_counter() - t
+        rank = model.recommend(split.test_histories, 20, exclude_history=excl)
+        res = evaluate_rankings(rank, split.test_targets)
+        vrank = model.recommend(split.valid_histories, 10, exclude_history=excl)
+        res["valid_ndcg@10"] = evaluate_rankings(vrank, split.valid_targets, ks=(10,))["ndcg@10"]
+        res["seconds"] = time.perf_counter() - t
+        res["fit_seconds"] = fit_s
+        if name == "sasrec":
+            res["epochs"] = len(model.history_)
+        results[name] = res
+        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}),
+              flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

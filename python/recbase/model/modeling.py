@@ -1,0 +1,487 @@
+"""RecBaseForCausalLM: Qwen2-style decoder (RMSNorm, SwiGLU, GQA) over concept-ID sequences.
+
+Token layout of one sequence: optional BOS, then items, each item L concept tokens of levels
+0..L-1 (id ``4 + l*K + c``). Each token gets two positions (RecSysLLM "dynamic" positions): its item
+slot (BOS is slot 0 when present, items follow) encoded by rotary embeddings, and its level inside the
+item encoded by a learned level embedding (BOS has its own level slot L). The next token after a
+level-l token is of level (l+1) mod L, so the output head and the loss are restricted to that level's
+K codes (logits [*, K]), never the whole vocabulary.
+
+Training runs on packed (jagged) batches: 1-D ``input_ids`` + ``cu_seqlens``; padded [B, T] inputs are
+packed first. Generation uses a per-row KV cache and the recbase generation protocol
+(``start_generation`` / ``select_generation`` / ``step_generation``).
+
+>>> import torch
+>>> from recbase.model import RecBaseConfig, RecBaseForCausalLM
+>>> cfg = RecBaseConfig.from_preset("tiny", levels=2, codebook_size=4)
+>>> model = RecBaseForCausalLM(cfg).eval()
+>>> ids = torch.tensor([[1, 4, 8, 5, 9]])          # BOS, item (0, 0), item (1, 1)
+>>> out = model(ids, return_loss=True)
+>>> out.loss.shape
+torch.Size([])
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from recbase.ops.attention import (
+    concept_attention,
+    concept_embedding,
+    level_cross_entropy,
+    level_logits,
+    validate_jagged,
+)
+
+from .config import BOS_ID, NUM_SPECIAL_TOKENS, PAD_ID, RecBaseConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class RecBaseOutput(ModelOutput):
+    """loss: mean restricted next-token CE over the targets; logits: restricted next-token logits
+    ([B, T, K] for padded input, [N, K] for packed input; only when asked or when no loss is
+    computed); next_levels: the level each logit row scores (same leading shape as logits)."""
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    next_levels: Optional[torch.Tensor] = None
+    hidden_states: Optional[torch.Tensor] = None
+
+
+@dataclass
+class GenerationState:
+    """Per-row KV cache. keys/values[layer]: [R, capacity, Hkv, D]; lengths: tokens cached per row;
+    last_item: item slot of each row's last token; next_level: level of the next token (shared)."""
+
+    keys: List[torch.Tensor]
+    values: List[torch.Tensor]
+    lengths: torch.Tensor
+    last_item: torch.Tensor
+    next_level: int
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.lengths.shape[0])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [N, head_dim] of rotary angles position * theta^(-2i/d) (halves duplicated)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    ang = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([ang, ang], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, H, D] rotated by per-token angles (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+class RecBaseAttention(nn.Module):
+    def __init__(self, config: RecBaseConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hid = config.hidden_size
+        self.q_proj = nn.Linear(hid, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hid, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hid, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hid, bias=False)
+
+    def project(self, h, cos, sin):
+        n = h.shape[0]
+        q = apply_rotary(self.q_proj(h).view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(h).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(h).view(n, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def forward(self, h, cos, sin, cu_seqlens, item_index, mask, backend, cache_out=None):
+        q, k, v = self.project(h, cos, sin)
+        if cache_out is not None:
+            cache_out.append((k.detach(), v.detach()))
+        o = concept_attention(q, k, v, cu_seqlens, item_index, mask=mask, backend=backend,
+                              check_inputs=False)
+        return self.o_proj(o.reshape(h.shape[0], -1))
+
+    def decode(self, h, cos, sin, k_cache, v_cache, lengths):
+        """One new token per row attending to its cached prefix and itself. k_cache/v_cache
+        [R, cap, Hkv, D] are written in place at position lengths[r]."""
+        r = h.shape[0]
+        q, k, v = self.project(h, cos, sin)
+        rows = torch.arange(r, device=h.device)
+        k_cache[rows, lengths] = k.to(k_cache.dtype)
+        v_cache[rows, lengths] = v.to(v_cache.dtype)
+        groups = self.num_heads // self.num_kv_heads
+        kk = k_cache.repeat_interleave(groups, dim=2).float()
+        vv = v_cache.repeat_interleave(groups, dim=2).float()
+        scores = torch.einsum("rhd,rthd->rht", q.float(), kk) / math.sqrt(self.head_dim)
+        visible = torch.arange(k_cache.shape[1], device=h.device)[None, :] <= lengths[:, None]
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        o = torch.einsum("rht,rthd->rhd", torch.softmax(scores, dim=-1), vv).to(h.dtype)
+        return self.o_proj(o.reshape(r, -1))
+
+
+class RecBaseMLP(nn.Module):
+    def __init__(self, config: RecBaseConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RecBaseDecoderLayer(nn.Module):
+    def __init__(self, config: RecBaseConfig):
+        super().__init__()
+        self.self_attn = RecBaseAttention(config)
+        self.mlp = RecBaseMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h, cos, sin, cu_seqlens, item_index, mask, backend, cache_out=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens, item_index, mask, backend, cache_out)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def decode(self, h, cos, sin, k_cache, v_cache, lengths):
+        h = h + self.self_attn.decode(self.input_layernorm(h), cos, sin, k_cache, v_cache, lengths)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class RecBasePreTrainedModel(PreTrainedModel):
+    config_class = RecBaseConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["RecBaseDecoderLayer"]
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+
+
+class RecBaseModel(RecBasePreTrainedModel):
+    """The decoder stack: concept embedding (token + level [+ item slot]) -> layers -> RMSNorm."""
+
+    def __init__(self, config: RecBaseConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_levels = nn.Embedding(config.levels + 1, config.hidden_size)  # slot L: BOS
+        self.embed_items = (nn.Embedding(config.max_items + 1, config.hidden_size)
+                            if config.item_position_embedding else None)
+        self.layers = nn.ModuleList(RecBaseDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def embed(self, ids, level, item, backend):
+        iw = None if self.embed_items is None else self.embed_items.weight
+        return concept_embedding(ids, level, self.embed_tokens.weight, self.embed_levels.weight,
+                                 item_ids=item if iw is not None else None, item_weight=iw, backend=backend)
+
+    def rotary(self, item, dtype):
+        return rotary_cos_sin(item, self.config.head_dim, self.config.rope_theta, dtype)
+
+    def forward(self, ids, cu_seqlens, item, level, backend, cache_out=None):
+        h = self.embed(ids, level, item, backend)
+        cos, sin = self.rotary(item, h.dtype)
+        mask = self.config.attention_mask_type
+        for layer in self.layers:
+            h = layer(h, cos, sin, cu_seqlens, item, mask, backend, cache_out)
+        return self.norm(h)
+
+
+class RecBaseForCausalLM(RecBasePreTrainedModel):
+    """Decoder + level-restricted output head. See the module docstring for the token layout."""
+
+    def __init__(self, config: RecBaseConfig):
+        super().__init__(config)
+        self.model = RecBaseModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def backend(self) -> str:
+        return self.config.kernel_backend
+
+    def _concept_head(self) -> torch.Tensor:
+        """Output-head rows of the concept tokens, [L*K, H] (level-major)."""
+        return self.lm_head.weight[NUM_SPECIAL_TOKENS:]
+
+    def sequence_layout(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor):
+        """Validate a packed batch and derive (item slot, level, next level) per token.
+
+        Level of a token = its position after the optional BOS modulo L; item slot = position // L
+        (+1 when the sequence starts with BOS, whose slot is 0 and level slot L)."""
+        cfg = self.config
+        L, K = cfg.levels, cfg.codebook_size
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        n = input_ids.shape[0]
+        validate_jagged(cu_seqlens, n)
+        ids = input_ids.to(torch.int64)
+        cu = cu_seqlens.to(device=ids.device, dtype=torch.int64)
+        lens = cu[1:] - cu[:-1]
+        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=ids.device), lens, output_size=n)
+        pos = torch.arange(n, device=ids.device) - cu[seq]
+        if n == 0:
+            z = ids.new_zeros(0)
+            return z, z, z, seq
+        if bool(((ids < 0) | (ids >= cfg.vocab_size)).any()):
+            bad = ids[(ids < 0) | (ids >= cfg.vocab_size)][0]
+            raise ValueError(f"input_ids contains token {int(bad)} outside the vocabulary [0, {cfg.vocab_size})")
+        is_bos = ids == BOS_ID
+        if bool((is_bos & (pos > 0)).any()):
+            t = int((is_bos & (pos > 0)).nonzero()[0])
+            raise ValueError(f"BOS (id {BOS_ID}) may only start a sequence; found at position {int(pos[t])} "
+                             f"of sequence {int(seq[t])}")
+        first = torch.clamp(cu[:-1], max=max(n - 1, 0))
+        has_bos = (lens > 0) & is_bos[first]
+        off = pos - has_bos[seq].long()
+        too_long = (lens - has_bos.long()) > cfg.max_items * L
+        if bool(too_long.any()):
+            b = int(too_long.nonzero()[0])
+            raise ValueError(f"sequence {b} has {int(lens[b])} tokens; at most max_items*levels "
+                             f"(+1 BOS) = {cfg.max_tokens} allowed")
+        level = torch.where(is_bos, torch.full_like(off, L), off.clamp_min(0) % L)
+        item = torch.where(is_bos, torch.zeros_like(off), off.clamp_min(0) // L + has_bos[seq].long())
+        concept = ~is_bos
+        expected_lo = NUM_SPECIAL_TOKENS + level * K
+        wrong = concept & ((ids < expected_lo) | (ids >= expected_lo + K))
+        if bool(wrong.any()):
+            t = int(wrong.nonzero()[0])
+            tok = int(ids[t])
+            what = (f"special token {tok}" if tok < NUM_SPECIAL_TOKENS
+                    else f"token {tok} of level {(tok - NUM_SPECIAL_TOKENS) // K}")
+            raise ValueError(f"sequence {int(seq[t])} position {int(pos[t])}: expected a level-{int(level[t])} "
+                             f"concept token (ids [{int(expected_lo[t])}, {int(expected_lo[t]) + K})), got "
+                             f"{what}; items must be L={L} consecutive tokens of levels 0..L-1")
+        next_level = torch.where(is_bos, torch.zeros_like(level), (level + 1) % L)
+        return item, level, next_level, seq
+
+    def _pack(self, input_ids, attention_mask):
+        if input_ids.dim() != 2:
+            raise ValueError(f"padded input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = input_ids != PAD_ID
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        keep = attention_mask.bool()
+        lens = keep.sum(1)
+        cu = torch.zeros(input_ids.shape[0] + 1, dtype=torch.int64, device=input_ids.device)
+        cu[1:] = lens.cumsum(0)
+        return input_ids[keep], cu, keep
+
+    # ------------------------------------------------------------------ training / scoring
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                return_loss: Optional[bool] = None, output_logits: Optional[bool] = None,
+                output_hidden_states: bool = False, return_dict: bool = True, **kwargs) -> RecBaseOutput:
+        """Next-token scoring restricted to the next level's codes.
+
+        input_ids: padded [B, T] (+ attention_mask, default ``input_ids != PAD``) or packed [N] with
+        ``cu_seqlens`` [B+1]. labels: same shape as input_ids (unshifted, -100 = ignore; default the
+        inputs when ``return_loss``); the target of position t is labels[t+1] within its sequence.
+        Returns RecBaseOutput(loss, logits, next_levels).
+        """
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        padded = cu_seqlens is None
+        if padded:
+            ids, cu, keep = self._pack(input_ids, attention_mask)
+        else:
+            if input_ids.dim() != 1:
+                raise ValueError(f"with cu_seqlens, input_ids must be packed 1-D, got shape {tuple(input_ids.shape)}")
+            if attention_mask is not None:
+                raise ValueError("attention_mask is only for padded input; packed input uses cu_seqlens")
+            ids, cu, keep = input_ids, cu_seqlens.to(input_ids.device), None
+        item, level, next_level, seq = self.sequence_layout(ids, cu)
+        ids = ids.to(torch.int64)
+        cu32 = cu.to(torch.int32)
+        h = self.model(ids, cu32, item, level, self.backend)
+
+        want_loss = labels is not None or bool(return_loss)
+        loss = None
+        if want_loss:
+            if labels is None:
+                tgt_tokens = ids
+            else:
+                if labels.shape != input_ids.shape:
+                    raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+                tgt_tokens = labels[keep] if padded else labels
+                tgt_tokens = tgt_tokens.to(device=ids.device, dtype=torch.int64)
+            target = self._targets(tgt_tokens, next_level, seq)
+            losses = level_cross_entropy(h, self._concept_head(), next_level, target,
+                                         self.config.levels, backend=self.backend)
+            count = (target >= 0).sum()
+            loss = losses.sum() / count.clamp_min(1)
+        logits = None
+        if output_logits or (output_logits is None and not want_loss):
+            logits = level_logits(h, self._concept_head(), next_level, self.config.levels)
+            if padded:
+                b, t = input_ids.shape
+                full = logits.new_zeros((b, t, logits.shape[1]))
+                full[keep] = logits
+                logits = full
+                nl = next_level.new_full((b, t), -1)
+                nl[keep] = next_level
+                next_level = nl
+        out = RecBaseOutput(loss=loss, logits=logits, next_levels=next_level if logits is not None else None,
+                            hidden_states=h if output_hidden_states else None)
+        return out if return_dict else out.to_tuple()
+
+    def _targets(self, tokens: torch.Tensor, next_level: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        """Code of the next token at every position (-100 at sequence ends / ignored labels)."""
+        K = self.config.codebook_size
+        n = tokens.shape[0]
+        target = torch.full((n,), IGNORE_INDEX, dtype=torch.int64, device=tokens.device)
+        if n < 2:
+            return target
+        nxt = tokens[1:]
+        same = seq[1:] == seq[:-1]
+        ignored = nxt == IGNORE_INDEX
+        code = nxt - NUM_SPECIAL_TOKENS - next_level[:-1] * K
+        bad = same & ~ignored & ((code < 0) | (code >= K))
+        if bool(bad.any()):
+            t = int(bad.nonzero()[0]) + 1
+            raise ValueError(f"label {int(tokens[t])} at packed position {t} is not a level-"
+                             f"{int(next_level[t - 1])} concept token")
+        target[:-1] = torch.where(same & ~ignored, code, torch.full_like(code, IGNORE_INDEX))
+        return target
+
+    # ------------------------------------------------------------------ generation protocol
+    def _check_generation_ready(self):
+        if self.config.attention_mask_type != "causal":
+            raise NotImplementedError("KV-cache generation needs attention_mask_type='causal' (with 'item' "
+                                      "masks earlier tokens of an item would see later ones)")
+
+    def _log_probs(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        L, K = self.config.levels, self.config.codebook_size
+        w = self._concept_head().view(L, K, -1)[level]
+        return torch.log_softmax((h @ w.T).float(), dim=-1)
+
+    @torch.no_grad()
+    def start_generation(self, histories: Sequence[torch.Tensor]):
+        """Prefill each history once. histories: list of B 1-D LongTensors (item-aligned concept
+        tokens, optionally BOS first; an empty history is read as [BOS]).
+        Returns (state, log_probs [B, K] float32 over level-0 codes of the next item)."""
+        self._check_generation_ready()
+        L = self.config.levels
+        if len(histories) == 0:
+            raise ValueError("histories must hold at least one history")
+        dev = self.lm_head.weight.device
+        seqs = []
+        for i, hist in enumerate(histories):
+            hist = torch.as_tensor(hist)
+            if hist.dim() != 1:
+                raise ValueError(f"history {i} must be 1-D, got shape {tuple(hist.shape)}")
+            if hist.numel() == 0:
+                hist = torch.tensor([BOS_ID])
+            has_bos = int(hist[0]) == BOS_ID
+            if (hist.numel() - int(has_bos)) % L:
+                raise ValueError(f"history {i} must be item-aligned: {hist.numel() - int(has_bos)} concept "
+                                 f"tokens is not a multiple of levels={L}")
+            seqs.append(hist.to(device=dev, dtype=torch.int64))
+        lens = torch.tensor([s.numel() for s in seqs], device=dev)
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int64, device=dev)
+        cu[1:] = lens.cumsum(0)
+        ids = torch.cat(seqs)
+        item, level, _, seq = self.sequence_layout(ids, cu)
+        layer_kv: list = []
+        h = self.model(ids, cu.to(torch.int32), item, level, self.backend, cache_out=layer_kv)
+        last = cu[1:] - 1
+        b = len(seqs)
+        cap = int(lens.max()) + L
+        pos = torch.arange(ids.shape[0], device=dev) - cu[seq]
+        keys, values = [], []
+        for k, v in layer_kv:
+            kc = k.new_zeros((b, cap) + tuple(k.shape[1:]))
+            vc = v.new_zeros((b, cap) + tuple(v.shape[1:]))
+            kc[seq, pos] = k
+            vc[seq, pos] = v
+            keys.append(kc)
+            values.append(vc)
+        state = GenerationState(keys, values, lens.clone(), item[last].clone(), 0)
+        return state, self._log_probs(h[last], 0)
+
+    def select_generation(self, state: GenerationState, index: torch.Tensor) -> GenerationState:
+        """Keep/repeat rows of the state (expand users to beams, reorder beams by parent)."""
+        index = torch.as_tensor(index, device=state.lengths.device)
+        if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"index must be a 1-D integer tensor, got {index.dtype} {tuple(index.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= state.num_rows):
+            raise ValueError(f"index values must lie in [0, {state.num_rows}), got "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        return GenerationState([k.index_select(0, index) for k in state.keys],
+                               [v.index_select(0, index) for v in state.values],
+                               state.lengths.index_select(0, index), state.last_item.index_select(0, index),
+                               state.next_level)
+
+    @torch.no_grad()
+    def step_generation(self, state: GenerationState, codes: torch.Tensor, level: int):
+        """Append one level-`level` code per row; return (state, log_probs [R, K] over the codes of
+        level+1 (level 0 of the next item after the last level)). The input state is consumed."""
+        self._check_generation_ready()
+        L, K = self.config.levels, self.config.codebook_size
+        if level != state.next_level:
+            raise ValueError(f"level must be {state.next_level} (the next level of this state), got {level}")
+        codes = torch.as_tensor(codes, device=state.lengths.device)
+        if codes.shape != (state.num_rows,) or codes.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"codes must be an integer tensor of shape ({state.num_rows},), got "
+                             f"{codes.dtype} {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
+            raise ValueError(f"codes must lie in [0, {K}), got [{int(codes.min())}, {int(codes.max())}]")
+        item = state.last_item + 1 if level == 0 else state.last_item
+        if level == 0 and bool((item > self.config.max_items).any()):
+            raise ValueError(f"generation would exceed max_items={self.config.max_items}")
+        lengths = state.lengths
+        cap = state.keys[0].shape[1] if state.keys else 0
+        keys, values = state.keys, state.values
+        if state.keys and int(lengths.max()) >= cap:  # grow the cache by one item's worth (and then some)
+            extra = max(L, cap // 2)
+            keys = [torch.cat([k, k.new_zeros((k.shape[0], extra) + tuple(k.shape[2:]))], 1) for k in keys]
+            values = [torch.cat([v, v.new_zeros((v.shape[0], extra) + tuple(v.shape[2:]))], 1) for v in values]
+        ids = NUM_SPECIAL_TOKENS + level * K + codes.to(torch.int64)
+        lvl = torch.full_like(ids, level)
+        inner = self.model
+        h = inner.embed(ids, lvl, item, self.backend)
+        cos, sin = inner.rotary(item, h.dtype)
+        for layer, kc, vc in zip(inner.layers, keys, values):
+            h = layer.decode(h, cos, sin, kc, vc, lengths)
+        h = inner.norm(h)
+        new = GenerationState(keys, values, lengths + 1, item, (level + 1) % L)
+        return new, self._log_probs(h, (level + 1) % L)

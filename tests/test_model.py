@@ -1,0 +1,255 @@
+"""RecBase model: reference attention path, restricted CE, KV-cache generation, save/load, errors."""
+import math
+
+import pytest
+import torch
+
+from recbase.model import PRESETS, RecBaseConfig, RecBaseForCausalLM
+from recbase.ops.attention import (
+    concept_attention,
+    concept_attention_reference,
+    level_cross_entropy,
+    level_cross_entropy_reference,
+)
+
+
+def _model(seed=0, **over):
+    torch.manual_seed(seed)
+    cfg = RecBaseConfig.from_preset("tiny", initializer_range=0.3, **over)
+    return RecBaseForCausalLM(cfg).eval()
+
+
+def _seq(cfg, n_items, bos, gen):
+    L, K = cfg.levels, cfg.codebook_size
+    codes = torch.randint(0, K, (n_items, L), generator=gen)
+    toks = (4 + torch.arange(L) * K + codes).flatten()
+    return torch.cat([torch.tensor([1]), toks]) if bos else toks
+
+
+def _pack(seqs):
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+    cu[1:] = torch.tensor([len(s) for s in seqs]).cumsum(0)
+    return torch.cat(seqs), cu
+
+
+def _manual_loss(model, seqs):
+    """Brute force: full-vocab logits from the model's hidden states, restricted by hand."""
+    cfg = model.config
+    L, K = cfg.levels, cfg.codebook_size
+    total, count = 0.0, 0
+    for s in seqs:
+        out = model(s[None], output_hidden_states=True, output_logits=False, return_loss=True)
+        h = out.hidden_states.double()
+        full = h @ model.lm_head.weight.double().T  # [T, V]
+        for t in range(len(s) - 1):
+            nxt = int(s[t + 1])
+            lvl = (nxt - 4) // K
+            block = full[t, 4 + lvl * K: 4 + (lvl + 1) * K]
+            total += float(torch.logsumexp(block, 0) - block[nxt - 4 - lvl * K])
+            count += 1
+    return total / count
+
+
+def test_presets_and_config_validation():
+    assert set(PRESETS) == {"tiny", "small", "base", "large"}
+    base = RecBaseConfig.from_preset("base")
+    assert (base.hidden_size, base.num_hidden_layers, base.num_attention_heads) == (1024, 24, 16)
+    large = RecBaseConfig.from_preset("large")
+    assert (large.hidden_size, large.intermediate_size, large.num_hidden_layers,
+            large.num_attention_heads, large.num_key_value_heads) == (1536, 8960, 28, 12, 2)
+    assert base.vocab_size == 4 + base.levels * base.codebook_size
+    with pytest.raises(ValueError, match="unknown preset"):
+        RecBaseConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="must divide"):
+        RecBaseConfig.from_preset("tiny", num_key_value_heads=3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        RecBaseConfig.from_preset("tiny", vocab_size=7)
+
+
+def test_packed_and_padded_agree_and_loss_matches_bruteforce():
+    model = _model()
+    gen = torch.Generator().manual_seed(1)
+    seqs = [_seq(model.config, 3, True, gen), _seq(model.config, 1, False, gen), _seq(model.config, 4, True, gen)]
+    ids, cu = _pack(seqs)
+    packed = model(ids, cu_seqlens=cu, return_loss=True, output_logits=True)
+    t = max(len(s) for s in seqs)
+    padded_ids = torch.zeros(len(seqs), t, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        padded_ids[i, : len(s)] = s
+    padded = model(padded_ids, return_loss=True, output_logits=True)
+    assert padded.logits.shape == (3, t, model.config.codebook_size)
+    mask = padded_ids != 0
+    torch.testing.assert_close(padded.logits[mask], packed.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded.loss, packed.loss)
+    assert math.isclose(float(packed.loss.detach()), _manual_loss(model, seqs), rel_tol=1e-4)
+    # logits only when asked
+    assert model(ids, cu_seqlens=cu, return_loss=True).logits is None
+
+
+def test_labels_ignore_and_gradients_flow():
+    model = _model().train()
+    gen = torch.Generator().manual_seed(2)
+    seqs = [_seq(model.config, 2, True, gen), _seq(model.config, 3, False, gen)]
+    ids, cu = _pack(seqs)
+    labels = ids.clone()
+    labels[2] = -100
+    out = model(ids, cu_seqlens=cu, labels=labels)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    full = model(ids, cu_seqlens=cu, return_loss=True)
+    assert not torch.allclose(out.loss, full.loss)
+
+
+def test_reference_ops_match_float64():
+    gen = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 1, 6, 13], dtype=torch.int32)
+    item = torch.tensor([0, 0, 0, 1, 1, 2, 0, 1, 1, 1, 2, 2, 3])
+    q = torch.randn(13, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(13, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(13, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    for mask in ("causal", "item"):
+        out = concept_attention(q, k, v, cu, item, mask=mask, backend="reference")
+        # brute force per token
+        ref = torch.zeros_like(out)
+        for b in range(3):
+            for i in range(int(cu[b]), int(cu[b + 1])):
+                for hh in range(4):
+                    keys = [j for j in range(int(cu[b]), int(cu[b + 1]))
+                            if (j <= i if mask == "causal" else item[j] <= item[i])]
+                    s = torch.stack([q[i, hh] @ k[j, hh // 2] for j in keys]) / math.sqrt(8)
+                    ref[i, hh] = torch.softmax(s, 0) @ v[keys, hh // 2]
+        torch.testing.assert_close(out, ref)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g)
+        exp = torch.autograd.grad(ref, (q, k, v), g)
+        for a, e in zip(got, exp):
+            torch.testing.assert_close(a, e)
+
+
+def test_level_cross_entropy_reference_grad():
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3 * 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    lvl = torch.randint(0, 3, (9,), generator=gen)
+    tgt = torch.randint(0, 5, (9,), generator=gen)
+    tgt[3] = -100
+    got = level_cross_entropy(h, w, lvl, tgt, 3, backend="reference")
+    exp = level_cross_entropy_reference(h, w, lvl, tgt, 3)
+    torch.testing.assert_close(got, exp)
+    assert got[3] == 0
+    gg = torch.rand(9, generator=gen, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad(got, (h, w), gg), torch.autograd.grad(exp, (h, w), gg)):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_kv_cache_generation_equals_full_recompute(kv_heads):
+    model = _model(seed=5, num_key_value_heads=kv_heads)
+    cfg = model.config
+    L, K = cfg.levels, cfg.codebook_size
+    gen = torch.Generator().manual_seed(6)
+    hist = [_seq(cfg, 2, True, gen), _seq(cfg, 1, False, gen), torch.tensor([], dtype=torch.long)]
+    state, lp = model.start_generation(hist)
+    assert lp.shape == (3, K) and lp.dtype == torch.float32
+    seqs = [h if h.numel() else torch.tensor([1]) for h in hist]
+    # expand to 2 beams per user, reorder, decode two items
+    index = torch.tensor([0, 0, 1, 1, 2, 2])
+    state = model.select_generation(state, index)
+    seqs = [seqs[i] for i in index.tolist()]
+    for step in range(2 * L):
+        level = step % L
+        if step == 1:  # reorder beams by parent
+            perm = torch.tensor([1, 0, 3, 3, 5, 4])
+            state = model.select_generation(state, perm)
+            seqs = [seqs[i] for i in perm.tolist()]
+        codes = torch.randint(0, K, (len(seqs),), generator=gen)
+        state, lp = model.step_generation(state, codes, level)
+        seqs = [torch.cat([s, torch.tensor([4 + level * K + int(c)])]) for s, c in zip(seqs, codes)]
+        ids, cu = _pack(seqs)
+        full = model(ids, cu_seqlens=cu, output_logits=True)
+        ref = torch.log_softmax(full.logits[cu[1:] - 1].float(), -1)
+        assert (full.next_levels[cu[1:] - 1] == (level + 1) % L).all()
+        torch.testing.assert_close(lp, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="level must be"):
+        model.step_generation(state, torch.zeros(6, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="codes must lie"):
+        model.step_generation(state, torch.full((6,), K), 0)
+    with pytest.raises(ValueError, match="index values"):
+        model.select_generation(state, torch.tensor([7]))
+    with pytest.raises(ValueError, match="item-aligned"):
+        model.start_generation([torch.tensor([1, 4])])
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = _model(seed=7, item_position_embedding=True)
+    gen = torch.Generator().manual_seed(8)
+    seqs = [_seq(model.config, 3, True, gen), _seq(model.config, 2, False, gen)]
+    ids, cu = _pack(seqs)
+    before = model(ids, cu_seqlens=cu, return_loss=True, output_logits=True)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = RecBaseForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.levels == model.config.levels and loaded.config.item_position_embedding
+    after = loaded(ids, cu_seqlens=cu, return_loss=True, output_logits=True)
+    torch.testing.assert_close(after.logits, before.logits, rtol=0, atol=0)
+    torch.testing.assert_close(after.loss, before.loss, rtol=0, atol=0)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = _model()
+    cfg = model.config
+    L, K = cfg.levels, cfg.codebook_size
+    good = torch.tensor([1, 4, 4 + K, 4 + 2 * K])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[1, 4 + L * K]]))
+    with pytest.raises(ValueError, match="expected a level-1"):
+        model(torch.tensor([[1, 4, 4]]))  # second concept token must be level 1
+    with pytest.raises(ValueError, match="special token 2"):
+        model(torch.tensor([[1, 4, 2]]))
+    with pytest.raises(ValueError, match="BOS"):
+        model(torch.tensor([[4, 1]]))
+    long_seq = torch.cat([torch.tensor([1]), (4 + torch.arange(L) * K).repeat(cfg.max_items + 1)])
+    with pytest.raises(ValueError, match="max_items"):
+        model(long_seq[None])
+    with pytest.raises(ValueError, match="must end at total_tokens"):
+        model(good, cu_seqlens=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="must start at 0"):
+        model(good, cu_seqlens=torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        model(torch.cat([good, good]), cu_seqlens=torch.tensor([0, 5, 4, 8]))
+    with pytest.raises(ValueError, match="packed 1-D"):
+        model(good[None], cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="labels shape"):
+        model(good[None], labels=good)
+    q = torch.randn(4, 3, 8)
+    with pytest.raises(ValueError, match="must divide"):
+        concept_attention(q, torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.tensor([0, 4]), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="mask must be"):
+        concept_attention(q, q, q, torch.tensor([0, 4]), torch.zeros(4, dtype=torch.long), mask="full")
+    with pytest.raises(ValueError, match="item_index must be non-decreasing"):
+        concept_attention(q, q, q, torch.tensor([0, 4]), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="target must be"):
+        level_cross_entropy(torch.randn(2, 4), torch.randn(6, 4), torch.tensor([0, 1]), torch.tensor([0, 3]), 2)
+    item_cfg = _model(attention_mask_type="item")
+    with pytest.raises(NotImplementedError, match="causal"):
+        item_cfg.start_generation([good])
+
+
+def test_item_mask_model_runs_and_differs():
+    causal = _model(seed=9)
+    item = _model(seed=9, attention_mask_type="item")
+    gen = torch.Generator().manual_seed(10)
+    s = _seq(causal.config, 3, True, gen)[None]
+    a, b = causal(s).logits, item(s).logits
+    # the first token (BOS) sees only itself in both; later level-0 tokens see their whole item
+    torch.testing.assert_close(a[0, 0], b[0, 0])
+    assert not torch.allclose(a[0, 1], b[0, 1])
+
+
+def test_concept_attention_compiles():
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    item = torch.tensor([0, 0, 1, 0, 0, 1, 1])
+    q = torch.randn(7, 2, 8)
+    fn = torch.compile(lambda q: concept_attention(q, q, q, cu, item, backend="reference", check_inputs=False),
+                       backend="eager", fullgraph=True)
+    torch.testing.assert_close(fn(q), concept_attention_reference(q, q, q, cu, item))
