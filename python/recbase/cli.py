@@ -1,9 +1,21 @@
-"""The ``recbase`` command."""
+"""The ``recbase`` command.
+
+    recbase info                                   what this install can do
+    recbase demo [--output DIR] [--device cpu|cuda] the main job on real data
+    recbase tokenize  --items I --domain D --output DIR          item text -> concept IDs
+    recbase pretrain  --items I --interactions X --tokenizer DIR --output DIR
+    recbase evaluate  --items I --interactions X --tokenizer DIR --model DIR
+    recbase recommend --items I --tokenizer DIR --model DIR --history ID [ID ...]
+
+``--items`` / ``--interactions`` are CSV or Parquet files (columns ``item_id`` + attributes;
+``user_id, item_id[, timestamp][, rating]``), read by ``recbase.datasets.from_files``.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -13,17 +25,186 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from recbase.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(output=args.output, device=args.device, seed=args.seed)
+    if args.quick:  # a small variant for smoke tests: fewer users, shorter training
+        cfg.max_eval_users, cfg.epochs, cfg.time_budget_s, cfg.sasrec_seconds = 200, 1, 30.0, 20.0
+    if args.max_eval_users is not None:
+        cfg.max_eval_users = args.max_eval_users or None
+    if args.time_budget is not None:
+        cfg.time_budget_s = args.time_budget
+    run_demo(cfg)
+    return 0
+
+
+def _template(domain: str, fields: str | None):
+    from recbase.data.text import ItemTemplate, template_for
+
+    if not fields:
+        return template_for(domain)
+    mapping = dict(f.split("=", 1) for f in fields.split(","))
+    return ItemTemplate(domain.rstrip("s"), mapping)
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from recbase import datasets
+    from recbase.data import TextEncoder
+    from recbase.data.text import render_items
+    from recbase.tokenizer import ItemTokenizer
+
+    items = datasets._read_table(args.items, "items")
+    if "item_id" not in items.columns:
+        raise SystemExit(f"--items: {args.items} has no item_id column (got {list(items.columns)})")
+    texts = render_items(items, _template(args.domain, args.fields))
+    emb = TextEncoder(device=args.device).encode(texts)
+    tok = ItemTokenizer(levels=args.levels, codebook_size=args.codebook_size, seed=args.seed).fit(emb)
+    out = Path(args.output)
+    tok.save(out)
+    (out / "item_ids.json").write_text(json.dumps(items["item_id"].astype(str).tolist()))
+    print(json.dumps({k: v for k, v in tok.report().items() if k != "per_level"}, indent=2))
+    np.save(out / "embeddings.npy", emb)
+    return 0
+
+
+def _catalog(tok_dir: Path):
+    from recbase.data.sequences import ItemIndex
+    from recbase.tokenizer import ItemTokenizer
+
+    tok = ItemTokenizer.load(tok_dir)
+    ids_file = tok_dir / "item_ids.json"
+    if not ids_file.exists():
+        raise SystemExit(f"--tokenizer: {tok_dir} has no item_ids.json (make it with `recbase tokenize`)")
+    return tok, ItemIndex(json.loads(ids_file.read_text()))
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from recbase import datasets
+    from recbase.data.splits import leave_one_out
+    from recbase.demo import _tokens, _windows
+    from recbase.model import RecBaseConfig, RecBaseForCausalLM
+    from recbase.train import Trainer, TrainConfig
+
+    tok, index = _catalog(Path(args.tokenizer))
+    data = datasets.from_files(args.items, args.interactions, domain=args.domain)
+    split = leave_one_out(data, index)
+    item_tokens = tok.tokens(tok.codes)
+    train = [_tokens(w, item_tokens, tok.vocab.BOS) for s in split.train_sequences
+             for w in _windows(s, args.max_items)]
+    valid = [_tokens(np.r_[h[-(args.max_items - 1):], t], item_tokens, tok.vocab.BOS)
+             for h, t in zip(split.valid_histories, split.valid_targets) if len(h)]
+    cfg = RecBaseConfig.from_preset(args.preset, levels=tok.id_length, codebook_size=tok.codebook_size,
+                                    max_items=args.max_items)
+    model = RecBaseForCausalLM(cfg)
+    out = Path(args.output)
+    Trainer(model, train, valid, TrainConfig(epochs=args.epochs, lr=args.lr, device=args.device,
+                                             seed=args.seed), output_dir=out / "run").fit()
+    model.save_pretrained(out)
+    print(f"model saved to {out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from recbase import datasets
+    from recbase.data.splits import leave_one_out
+    from recbase.evaluate import evaluate_rankings
+    from recbase.model import RecBaseForCausalLM
+    from recbase.recommend import Recommender
+
+    tok, index = _catalog(Path(args.tokenizer))
+    data = datasets.from_files(args.items, args.interactions, domain=args.domain)
+    split = leave_one_out(data, index)
+    model = RecBaseForCausalLM.from_pretrained(args.model)
+    rec = Recommender(model, tok.vocab, {args.domain: tok.codes}, device=args.device)
+    items, _ = rec.recommend(split.test_histories, k=20, num_beams=args.num_beams)
+    print(json.dumps(evaluate_rankings(items, split.test_targets), indent=2))
+    return 0
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from recbase.model import RecBaseForCausalLM
+    from recbase.recommend import Recommender
+
+    tok, index = _catalog(Path(args.tokenizer))
+    model = RecBaseForCausalLM.from_pretrained(args.model)
+    rec = Recommender(model, tok.vocab, {"catalog": tok.codes}, device=args.device)
+    history = index.encode(args.history)
+    items, scores = rec.recommend([history], k=args.k, num_beams=max(args.num_beams, args.k))
+    for item, score in zip(index.decode(items[0][items[0] >= 0]), scores[0]):
+        print(f"{score:10.4f}  {item}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recbase", description="Generative zero-shot recommendation.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("info", help="show version, CUDA/Triton availability and threads")
     s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("demo", help="the main job: movies in-domain, books zero-shot, with baselines")
+    s.add_argument("--output", default="recbase-demo", help="folder for the table, config and logs")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-eval-users", type=int, default=None,
+                   help="evaluated users per domain (seeded sample; 0 = all; default 2000)")
+    s.add_argument("--time-budget", type=float, default=None, help="pretraining seconds (default 300)")
+    s.add_argument("--quick", action="store_true", help="a small, fast variant (smoke test)")
+    s.set_defaults(func=_cmd_demo)
+
+    def common(s, need_model=False, need_inter=False):
+        s.add_argument("--items", required=True, help="CSV/Parquet with item_id + attributes")
+        if need_inter:
+            s.add_argument("--interactions", required=True, help="CSV/Parquet: user_id, item_id[, timestamp]")
+        s.add_argument("--domain", default="movies", help="domain name (built-in templates: movies, books)")
+        s.add_argument("--device", default="cpu")
+        s.add_argument("--seed", type=int, default=0)
+        if need_model:
+            s.add_argument("--tokenizer", required=True, help="folder written by `recbase tokenize`")
+            s.add_argument("--model", required=True, help="folder written by `recbase pretrain`")
+            s.add_argument("--num-beams", type=int, default=20)
+
+    s = sub.add_parser("tokenize", help="item text -> embeddings -> unique concept IDs")
+    common(s)
+    s.add_argument("--fields", default=None, help="template fields, e.g. 'Title=title,Year=year'")
+    s.add_argument("--levels", type=int, default=3)
+    s.add_argument("--codebook-size", type=int, default=256)
+    s.add_argument("--output", required=True)
+    s.set_defaults(func=_cmd_tokenize)
+
+    s = sub.add_parser("pretrain", help="pretrain a model on interaction sequences")
+    common(s, need_inter=True)
+    s.add_argument("--tokenizer", required=True)
+    s.add_argument("--preset", default="small", choices=["tiny", "small", "base", "large"])
+    s.add_argument("--max-items", type=int, default=20)
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--output", required=True)
+    s.set_defaults(func=_cmd_pretrain)
+
+    s = sub.add_parser("evaluate", help="leave-one-out next-item metrics")
+    common(s, need_model=True, need_inter=True)
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("recommend", help="top-k items for one history")
+    common(s, need_model=True)
+    s.add_argument("--history", nargs="+", required=True, help="item ids, oldest first")
+    s.add_argument("-k", type=int, default=10)
+    s.set_defaults(func=_cmd_recommend)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"recbase {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
