@@ -31,6 +31,11 @@ int resolve_threads(int threads) {
 
 namespace {
 
+// Forking threads costs microseconds (milliseconds on a loaded machine, where a descheduled
+// thread stalls every barrier): jobs under ~8M multiply-adds (or ~0.5M streamed floats, x16)
+// run on the calling thread.
+inline bool parallel_worth(int64_t work) { return work >= (int64_t(1) << 23); }
+
 // ---------------------------------------------------------------------------------------------
 // SIMD abstraction: one "vector" of kLanes floats plus the few ops the kernels need.
 // ---------------------------------------------------------------------------------------------
@@ -135,7 +140,7 @@ Packed pack_codebooks(const float* cb, int64_t levels, int64_t K, int64_t d, int
   pk.data = aligned_alloc_n<float>(size_t(levels * pk.panels * d * kBlock));
   pk.norms = aligned_alloc_n<float>(size_t(levels * pk.panels * kBlock));
   const int64_t total = levels * pk.panels;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) if(parallel_worth(total * d * kBlock)) schedule(static)
   for (int64_t lp = 0; lp < total; ++lp) {
     const int64_t l = lp / pk.panels, p = lp % pk.panels;
     float* dst = pk.data.get() + lp * d * kBlock;
@@ -263,7 +268,7 @@ void rq_encode_greedy(const float* x, int64_t n, int64_t d, const float* codeboo
   const int64_t B = block_rows(d);
   const int64_t nblocks = (n + B - 1) / B;
   threads = int(std::min<int64_t>(threads, nblocks));
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if(parallel_worth(n * K * d * levels))
   {
     auto res = aligned_alloc_n<float>(size_t(B * d));
     auto bv = aligned_alloc_n<float>(size_t(B * kLanes));
@@ -299,7 +304,7 @@ void rq_encode_beam(const float* x, int64_t n, int64_t d, const float* codebooks
   const int64_t maxpaths = chunk * beam;
   const int64_t padded = (maxpaths + kRows - 1) / kRows * kRows;
   threads = int(std::min<int64_t>(threads, nchunks));
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if(parallel_worth(n * K * d * levels))
   {
     auto res = aligned_alloc_n<float>(size_t(padded * d));
     auto res_next = aligned_alloc_n<float>(size_t(padded * d));
@@ -373,7 +378,7 @@ void rq_encode_beam(const float* x, int64_t n, int64_t d, const float* codebooks
 void rq_decode(const int64_t* codes, int64_t n, int64_t levels, const float* codebooks, int64_t K,
                int64_t d, float* out, int threads) {
   threads = resolve_threads(threads);
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) if(parallel_worth(16 * n * d * levels)) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     float* o = out + i * d;
     std::memset(o, 0, size_t(d) * sizeof(float));
@@ -390,7 +395,7 @@ void nearest_centroid(const float* x, int64_t n, int64_t d, const float* centroi
   threads = resolve_threads(threads);
   rq_encode_greedy(x, n, d, centroids, 1, K, assign, threads);
   if (dist) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) if(parallel_worth(16 * n * d)) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       const float* a = x + i * d;
       const float* c = centroids + assign[i] * d;
@@ -431,7 +436,7 @@ std::vector<float> kmeanspp(const float* x, int64_t d, const std::vector<int64_t
     std::memcpy(c.data() + c_i * d, x + idx[size_t(pick)] * d, size_t(d) * sizeof(float));
     if (c_i + 1 == k) break;
     const float* ce = c.data() + c_i * d;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) if(parallel_worth(16 * m * d)) schedule(static)
     for (int64_t i = 0; i < m; ++i) d2[size_t(i)] = std::min(d2[size_t(i)], sq_dist(x + idx[size_t(i)] * d, ce, d));
     double total = 0;
     for (int64_t i = 0; i < m; ++i) total += d2[size_t(i)];
@@ -495,7 +500,7 @@ KMeansResult kmeans(const float* x, int64_t n, int64_t d, int64_t k, int64_t nit
     for (int64_t i = 0; i < n; ++i) counts[size_t(assign[size_t(i)])]++;
     std::fill(sums.begin(), sums.end(), 0.0);
     const int64_t slices = std::min<int64_t>(d, int64_t(threads) * 4);
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) if(parallel_worth(16 * n * d)) schedule(static)
     for (int64_t s = 0; s < slices; ++s) {
       const int64_t j0 = s * d / slices, j1 = (s + 1) * d / slices;
       for (int64_t i = 0; i < n; ++i) {
@@ -547,7 +552,7 @@ namespace {
 
 void check_finite(const float* p, int64_t count, const char* name, int threads) {
   int64_t bad = 0;
-#pragma omp parallel for num_threads(threads) reduction(+ : bad) schedule(static)
+#pragma omp parallel for num_threads(threads) if(parallel_worth(16 * count)) reduction(+ : bad) schedule(static)
   for (int64_t i = 0; i < count; ++i) bad += std::isfinite(p[i]) ? 0 : 1;
   if (bad) fail(std::string(name) + ": contains " + std::to_string(bad) + " NaN or Inf values");
 }
