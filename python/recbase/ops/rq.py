@@ -3,8 +3,9 @@
     r_0 = x;  c_l = argmin_k ||r_l - e_{l,k}||^2;  r_{l+1} = r_l - e_{l,c_l};  x_hat = sum_l e_{l,c_l}
 
 Each public op validates its arguments (clear ``ValueError``/``TypeError`` naming the argument),
-then calls a ``torch.library.custom_op`` (namespace ``recbase``) that picks the implementation by
-device:
+then calls one implementation function per op, registered as a ``torch.library.custom_op``
+(``recbase::rq_encode``, ``recbase::rq_decode``, ``recbase::kmeans``; eager calls skip the
+dispatcher), which picks the backend by device:
 
 ============  ==================================  ==========================================
 op            CPU                                 CUDA
@@ -211,8 +212,16 @@ def rq_residual(x, codebooks, codes) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # custom ops (device dispatch) + fake implementations for torch.compile
 # ------------------------------------------------------------------------------------------------
-@torch.library.custom_op("recbase::rq_encode", mutates_args=())
-def _rq_encode_op(x: torch.Tensor, codebooks: torch.Tensor, beam_size: int, threads: int) -> torch.Tensor:
+def _dispatch(op, impl, *args):
+    """Eager calls go straight to the implementation (the registered op's first eager call
+    imports torch._dynamo, ~2 s, and each call pays dispatcher overhead); traced calls go
+    through the registered op so torch.compile sees an opaque node with a fake kernel."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return impl(*args)
+
+
+def _rq_encode_impl(x: torch.Tensor, codebooks: torch.Tensor, beam_size: int, threads: int) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch.from_numpy(_native().rq_encode(x.numpy(), codebooks.numpy(), beam_size, threads))
     _check_finite(x, "x")
@@ -232,13 +241,15 @@ def _rq_encode_op(x: torch.Tensor, codebooks: torch.Tensor, beam_size: int, thre
     return rq_encode_reference(x, codebooks, beam_size)
 
 
+_rq_encode_op = torch.library.custom_op("recbase::rq_encode", _rq_encode_impl, mutates_args=())
+
+
 @_rq_encode_op.register_fake
 def _(x, codebooks, beam_size, threads):
     return x.new_empty((x.shape[0], codebooks.shape[0]), dtype=torch.int64)
 
 
-@torch.library.custom_op("recbase::rq_decode", mutates_args=())
-def _rq_decode_op(codes: torch.Tensor, codebooks: torch.Tensor, threads: int) -> torch.Tensor:
+def _rq_decode_impl(codes: torch.Tensor, codebooks: torch.Tensor, threads: int) -> torch.Tensor:
     if codes.device.type == "cpu":
         return torch.from_numpy(_native().rq_decode(codes.numpy(), codebooks.numpy(), threads))
     K = codebooks.shape[1]
@@ -247,19 +258,24 @@ def _rq_decode_op(codes: torch.Tensor, codebooks: torch.Tensor, threads: int) ->
     return rq_decode_reference(codes, codebooks)
 
 
+_rq_decode_op = torch.library.custom_op("recbase::rq_decode", _rq_decode_impl, mutates_args=())
+
+
 @_rq_decode_op.register_fake
 def _(codes, codebooks, threads):
     return codebooks.new_empty((codes.shape[0], codebooks.shape[2]))
 
 
-@torch.library.custom_op("recbase::kmeans", mutates_args=())
-def _kmeans_op(x: torch.Tensor, k: int, niter: int, seed: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _kmeans_impl(x: torch.Tensor, k: int, niter: int, seed: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type == "cpu":
         cent, obj = _native().kmeans(x.numpy(), k, niter, seed, threads)
         return torch.from_numpy(cent), torch.from_numpy(obj)
     _check_finite(x, "x")
     cent, obj = kmeans_reference(x, k, niter, seed)
     return cent, obj.to(x.device)
+
+
+_kmeans_op = torch.library.custom_op("recbase::kmeans", _kmeans_impl, mutates_args=())
 
 
 @_kmeans_op.register_fake
@@ -297,7 +313,7 @@ def rq_encode(x, codebooks, beam_size: int = 1, threads: int = 0):
         raise ValueError(f"codebooks: expected device {xt.device} (that of x), got {cb.device}")
     beam_size = _check_int(beam_size, "beam_size", 1)
     threads = _check_int(threads, "threads", 0)
-    codes = _rq_encode_op(xt, cb, beam_size, threads)
+    codes = _dispatch(_rq_encode_op, _rq_encode_impl, xt, cb, beam_size, threads)
     return codes.numpy() if was_numpy else codes
 
 
@@ -324,7 +340,7 @@ def rq_decode(codes, codebooks, threads: int = 0):
     if ct.device != cb.device:
         raise ValueError(f"codebooks: expected device {ct.device} (that of codes), got {cb.device}")
     threads = _check_int(threads, "threads", 0)
-    out = _rq_decode_op(ct.to(torch.int64).contiguous(), cb, threads)
+    out = _dispatch(_rq_decode_op, _rq_decode_impl, ct.to(torch.int64).contiguous(), cb, threads)
     return out.numpy() if was_numpy else out
 
 
@@ -353,7 +369,7 @@ def kmeans(x, k: int, niter: int = 25, seed: int = 0, threads: int = 0):
         raise ValueError(
             f"x: fewer vectors than codewords: k-means needs at least k={k} rows, got {xt.shape[0]}"
         )
-    cent, obj = _kmeans_op(xt, k, niter, seed, threads)
+    cent, obj = _dispatch(_kmeans_op, _kmeans_impl, xt, k, niter, seed, threads)
     if was_numpy:
         return cent.numpy(), obj.numpy()
     return cent, obj
