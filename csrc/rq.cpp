@@ -51,6 +51,8 @@ inline vf vload(const float* p) { return _mm512_load_ps(p); }
 inline vf vloadu(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstoreu(float* p, vf a) { _mm512_storeu_ps(p, a); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a*b
 inline vi viota(int base) {
   return _mm512_add_epi32(_mm512_set1_epi32(base),
@@ -75,6 +77,8 @@ inline vf vload(const float* p) { return _mm256_load_ps(p); }
 inline vf vloadu(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstoreu(float* p, vf a) { _mm256_storeu_ps(p, a); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 inline vf vfnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
 inline vi viota(int base) {
   return _mm256_add_epi32(_mm256_set1_epi32(base), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -99,6 +103,8 @@ inline vf vload(const float* p) { vf r; std::memcpy(r.v, p, 16); return r; }
 inline vf vloadu(const float* p) { return vload(p); }
 inline void vstoreu(float* p, vf a) { std::memcpy(p, a.v, 16); }
 inline vf vfma(vf a, vf b, vf c) { for (int i = 0; i < 4; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+inline vf vsub(vf a, vf b) { for (int i = 0; i < 4; ++i) a.v[i] -= b.v[i]; return a; }
+inline vf vadd(vf a, vf b) { for (int i = 0; i < 4; ++i) a.v[i] += b.v[i]; return a; }
 inline vf vfnma(vf a, vf b, vf c) { for (int i = 0; i < 4; ++i) c.v[i] -= a.v[i] * b.v[i]; return c; }
 inline vi viota(int base) { return vi{{base, base + 1, base + 2, base + 3}}; }
 inline vi vloadi(const int32_t* p) { vi r; std::memcpy(r.v, p, 16); return r; }
@@ -244,6 +250,28 @@ inline int32_t reduce_argmin(const float* bv, const int32_t* bi) {
   return idx;
 }
 
+// ||a - b||^2 in float32 SIMD (two accumulators), for k-means++ sampling weights.
+inline float sq_dist_f32(const float* a, const float* b, int64_t d) {
+  vf acc0 = vzero(), acc1 = vzero();
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= d; j += 2 * kLanes) {
+    const vf t0 = vsub(vloadu(a + j), vloadu(b + j));
+    const vf t1 = vsub(vloadu(a + j + kLanes), vloadu(b + j + kLanes));
+    acc0 = vfma(t0, t0, acc0);
+    acc1 = vfma(t1, t1, acc1);
+  }
+  for (; j + kLanes <= d; j += kLanes) {
+    const vf t0 = vsub(vloadu(a + j), vloadu(b + j));
+    acc0 = vfma(t0, t0, acc0);
+  }
+  float lanes[kLanes];
+  vstoreu(lanes, vadd(acc0, acc1));
+  float s = 0;
+  for (int t = 0; t < kLanes; ++t) s += lanes[t];
+  for (; j < d; ++j) s += (a[j] - b[j]) * (a[j] - b[j]);
+  return s;
+}
+
 inline void sub_row(float* __restrict r, const float* __restrict e, int64_t d) {
   for (int64_t j = 0; j < d; ++j) r[j] -= e[j];
 }
@@ -350,6 +378,7 @@ void rq_encode_beam(const float* x, int64_t n, int64_t d, const float* codebooks
             float* r = res_next.get() + dst * d;
             const float* rs = res.get() + src * d;
             double s = 0;
+#pragma omp simd reduction(+ : s)
             for (int64_t j = 0; j < d; ++j) {
               r[j] = rs[j] - e[j];
               s += double(r[j]) * r[j];
@@ -400,6 +429,7 @@ void nearest_centroid(const float* x, int64_t n, int64_t d, const float* centroi
       const float* a = x + i * d;
       const float* c = centroids + assign[i] * d;
       double s = 0;
+#pragma omp simd reduction(+ : s)
       for (int64_t j = 0; j < d; ++j) {
         const double t = double(a[j]) - double(c[j]);
         s += t * t;
@@ -416,6 +446,7 @@ namespace {
 
 double sq_dist(const float* a, const float* b, int64_t d) {
   double s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < d; ++j) {
     const double t = double(a[j]) - double(b[j]);
     s += t * t;
@@ -436,8 +467,9 @@ std::vector<float> kmeanspp(const float* x, int64_t d, const std::vector<int64_t
     std::memcpy(c.data() + c_i * d, x + idx[size_t(pick)] * d, size_t(d) * sizeof(float));
     if (c_i + 1 == k) break;
     const float* ce = c.data() + c_i * d;
-#pragma omp parallel for num_threads(threads) if(parallel_worth(16 * m * d)) schedule(static)
-    for (int64_t i = 0; i < m; ++i) d2[size_t(i)] = std::min(d2[size_t(i)], sq_dist(x + idx[size_t(i)] * d, ce, d));
+#pragma omp parallel for num_threads(threads) if(parallel_worth(m * d)) schedule(static)
+    for (int64_t i = 0; i < m; ++i)
+      d2[size_t(i)] = std::min(d2[size_t(i)], double(sq_dist_f32(x + idx[size_t(i)] * d, ce, d)));
     double total = 0;
     for (int64_t i = 0; i < m; ++i) total += d2[size_t(i)];
     const double u = unif(rng);
@@ -465,9 +497,10 @@ KMeansResult kmeans(const float* x, int64_t n, int64_t d, int64_t k, int64_t nit
                     int threads) {
   threads = resolve_threads(threads);
   std::mt19937_64 rng(seed);
-  // Seeding subsample (partial Fisher-Yates): k-means++ costs O(m k d); m = max(64k, 8192) keeps
-  // it below one Lloyd iteration on large inputs while still covering every cluster well.
-  const int64_t m = std::min<int64_t>(n, std::max<int64_t>(64 * k, 8192));
+  // Seeding subsample (partial Fisher-Yates): k-means++ costs O(m k d) in k sequential steps;
+  // m = max(16k, 4096) keeps it well below one Lloyd iteration on large inputs while still
+  // giving every cluster ~16 candidate points.
+  const int64_t m = std::min<int64_t>(n, std::max<int64_t>(16 * k, 4096));
   std::vector<int64_t> perm(static_cast<size_t>(n));
   std::iota(perm.begin(), perm.end(), 0);
   if (m < n) {
@@ -522,6 +555,7 @@ KMeansResult kmeans(const float* x, int64_t n, int64_t d, int64_t k, int64_t nit
       for (int64_t i = 0; i < n; ++i) {
         if (assign[size_t(i)] != big) continue;
         double s = 0;
+#pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < d; ++j) {
           const double t = double(x[i * d + j]) - mean[size_t(j)];
           s += t * t;

@@ -37,7 +37,7 @@ struct KMeansResult {
   std::vector<double> objective; // [niter + 1]: J after the assignment step of C_0..C_niter
 };
 
-// Lloyd k-means. Seeds: k-means++ on a random subsample of min(n, max(64 k, 8192)) rows.
+// Lloyd k-means. Seeds: k-means++ on a random subsample of min(n, max(16 k, 4096)) rows.
 // Empty clusters are repaired by splitting the largest cluster: its member farthest from its
 // centroid becomes the empty cluster's only member, which never increases J.
 // Deterministic for a fixed (seed); the result does not depend on `threads`.

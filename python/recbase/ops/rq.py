@@ -159,7 +159,7 @@ def kmeans_reference(x: torch.Tensor, k: int, niter: int = 25, seed: int = 0):
     N, d = x.shape
     xf = x.to(torch.float32)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    m = min(N, max(64 * k, 8192))
+    m = min(N, max(16 * k, 4096))
     sub = xf[torch.randperm(N, generator=gen)[:m].sort().values.to(x.device)] if m < N else xf
     cent = torch.empty((k, d), dtype=torch.float32, device=x.device)
     first = int(torch.randint(m, (1,), generator=gen))
@@ -349,7 +349,7 @@ def kmeans(x, k: int, niter: int = 25, seed: int = 0, threads: int = 0):
 
     ``objective[t]`` = sum_i min_c ||x_i - C_t[c]||^2 for the centroids after t iterations; it
     never increases (up to float32 rounding of the assignment). Seeds: k-means++ on a random
-    subsample of min(N, max(64 k, 8192)) rows; empty clusters are repaired by splitting the
+    subsample of min(N, max(16 k, 4096)) rows; empty clusters are repaired by splitting the
     largest cluster. Deterministic for a given ``seed`` (independent of ``threads``).
 
     >>> import torch
