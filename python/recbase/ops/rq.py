@@ -222,6 +222,8 @@ def _dispatch(op, impl, *args):
 
 
 def _rq_encode_impl(x: torch.Tensor, codebooks: torch.Tensor, beam_size: int, threads: int) -> torch.Tensor:
+    # the public wrapper already made these float32 + contiguous; direct torch.ops calls may not
+    x, codebooks = x.contiguous(), codebooks.contiguous()
     if x.device.type == "cpu":
         return torch.from_numpy(_native().rq_encode(x.numpy(), codebooks.numpy(), beam_size, threads))
     _check_finite(x, "x")
@@ -250,6 +252,7 @@ def _(x, codebooks, beam_size, threads):
 
 
 def _rq_decode_impl(codes: torch.Tensor, codebooks: torch.Tensor, threads: int) -> torch.Tensor:
+    codes, codebooks = codes.contiguous(), codebooks.contiguous()
     if codes.device.type == "cpu":
         return torch.from_numpy(_native().rq_decode(codes.numpy(), codebooks.numpy(), threads))
     K = codebooks.shape[1]
@@ -267,6 +270,7 @@ def _(codes, codebooks, threads):
 
 
 def _kmeans_impl(x: torch.Tensor, k: int, niter: int, seed: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
     if x.device.type == "cpu":
         cent, obj = _native().kmeans(x.numpy(), k, niter, seed, threads)
         return torch.from_numpy(cent), torch.from_numpy(obj)
