@@ -197,7 +197,7 @@ def test_progress_bar(capsys):
     assert "RQ-KMeans" not in capsys.readouterr().err
 
 
-def test_vae_method_delegates():
+def test_vae_method_delegates(tmp_path):
     x = _x(n=400, d=8)
     rq = ResidualQuantizer(2, 8, method="vae", progress=False,
                            vae_config={"latent_dim": 4, "hidden_dims": [16], "epochs": 2})
@@ -211,3 +211,7 @@ def test_vae_method_delegates():
     assert codes.shape == (400, 2) and codes.dtype == np.int64
     assert rq.codebooks.shape == (2, 8, 4)
     assert rq.decode(codes).shape == x.shape
+    rq.save(tmp_path / "vae.safetensors")
+    back = ResidualQuantizer.load(tmp_path / "vae.safetensors")
+    np.testing.assert_array_equal(back.encode(x), codes)
+    np.testing.assert_array_equal(back.decode(codes), rq.decode(codes))
