@@ -31,7 +31,7 @@ void check_cuda(cudaError_t e, const char* what) {
 }
 
 template <int RPT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)  // min 2 blocks/SM: ~80 registers, no spills
 rq_encode_kernel(const float* __restrict__ x, const float* __restrict__ cb,
                  const float* __restrict__ norms, int64_t* __restrict__ codes, int64_t n, int d,
                  int levels, int K, int ld_res) {

@@ -62,7 +62,8 @@ class ResidualQuantizer:
         vae_config: extra :class:`recbase.rqvae.RQVAEConfig` fields for ``method="vae"``.
 
     Inputs may be numpy arrays or torch tensors (CPU or CUDA); outputs are of the same kind
-    (and device). After ``fit``: ``codebooks`` (L, K, d) float32 numpy and ``objective_`` (per
+    (and device). ``fit`` always trains on the CPU with the C++ engine (deterministic for a
+    seed); ``encode``/``decode`` run where the input lives (CUDA: fused kernel). After ``fit``: ``codebooks`` (L, K, d) float32 numpy and ``objective_`` (per
     level, the k-means objective history).
     """
 
