@@ -58,7 +58,12 @@ class HFConceptLM:
     """
 
     def __init__(self, model, levels: int, codebook_size: int):
+        import inspect
+
         self.model = model
+        # transformers >= 5.x renames ``past_key_values`` to ``cache``; use what forward takes.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.levels = int(levels)
         self.codebook_size = int(codebook_size)
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -66,6 +71,11 @@ class HFConceptLM:
         if vocab is not None and vocab < need:
             raise ValueError(f"model: vocab_size {vocab} is smaller than 4 + L*K = {need} "
                              f"(L={self.levels}, K={self.codebook_size})")
+
+    @staticmethod
+    def _cache_of(out):
+        cache = getattr(out, "past_key_values", None)
+        return cache if cache is not None else getattr(out, "cache", None)
 
     def _level_log_probs(self, logits: torch.Tensor, level: int) -> torch.Tensor:
         lo = NUM_SPECIALS + level * self.codebook_size
@@ -89,7 +99,7 @@ class HFConceptLM:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        state = {"past": out.past_key_values, "mask": mask, "next_pos": pos[:, -1] + 1}
+        state = {"past": self._cache_of(out), "mask": mask, "next_pos": pos[:, -1] + 1}
         return state, self._level_log_probs(out.logits[:, -1], 0)
 
     def select_generation(self, state, index: torch.Tensor):
@@ -109,8 +119,8 @@ class HFConceptLM:
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = state["next_pos"].unsqueeze(1)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=state["past"], use_cache=True)
-        new = {"past": out.past_key_values, "mask": mask, "next_pos": state["next_pos"] + 1}
+                         use_cache=True, **{self._cache_kw: state["past"]})
+        new = {"past": self._cache_of(out), "mask": mask, "next_pos": state["next_pos"] + 1}
         return new, self._level_log_probs(out.logits[:, -1], level + 1)
 
 
@@ -219,7 +229,13 @@ def beam_search(model, trie: ConceptTrie, histories=None, num_beams: int = 20, k
     return items, scores
 
 
-class ConceptTrieLogitsProcessor:
+try:  # subclass HF's base so ``LogitsProcessorList`` and type checks accept it
+    from transformers import LogitsProcessor as _LogitsProcessorBase
+except ImportError:  # pragma: no cover
+    _LogitsProcessorBase = object
+
+
+class ConceptTrieLogitsProcessor(_LogitsProcessorBase):
     """HuggingFace ``LogitsProcessor`` restricting ``generate`` to catalog items.
 
     Tracks each row's trie state from its generated suffix (tokens after ``prompt_length``)
