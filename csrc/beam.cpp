@@ -22,16 +22,32 @@ inline bool better(const Candidate& a, const Candidate& b) {
 }
 }  // namespace
 
-void constrained_beam_step_cpu(const float* log_probs, const float* beam_scores,
-                               const int64_t* states, const int64_t* offsets,
-                               const int64_t* codes, int64_t num_nodes, int64_t B, int64_t W,
-                               int64_t K, int64_t num_beams, float* out_scores,
-                               int64_t* out_parent, int64_t* out_token, int64_t* out_state) {
+int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scores,
+                                  const int64_t* states, const int64_t* offsets,
+                                  const int64_t* codes, int64_t num_nodes, int64_t B, int64_t W,
+                                  int64_t K, int64_t num_beams, float* out_scores,
+                                  int64_t* out_parent, int64_t* out_token, int64_t* out_state,
+                                  int64_t work_estimate) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-#pragma omp parallel
+  int64_t bad_codes = 0;
+  // Threads only pay off (and only behave on a busy machine) when there is real work.
+#pragma omp parallel reduction(+ : bad_codes) if (work_estimate > 65536 && B > 1)
   {
     std::vector<Candidate> heap;
     heap.reserve(num_beams);
+    std::vector<float> buf;
+    auto insert = [&](float sc, int64_t key, int64_t node) {
+      if (std::isnan(sc)) sc = neg_inf;
+      // Candidates arrive in increasing key order, so an equal score never displaces.
+      if (static_cast<int64_t>(heap.size()) == num_beams) {
+        if (!(sc > heap.front().score)) return;
+        std::pop_heap(heap.begin(), heap.end(), better);
+        heap.back() = Candidate{sc, key, node};
+      } else {
+        heap.push_back(Candidate{sc, key, node});
+      }
+      std::push_heap(heap.begin(), heap.end(), better);
+    };
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
       heap.clear();
@@ -40,23 +56,29 @@ void constrained_beam_step_cpu(const float* log_probs, const float* beam_scores,
         if (s < 0 || s >= num_nodes) continue;  // dead beam (range validated by the caller)
         const int64_t first = std::max<int64_t>(offsets[s], 0);
         const int64_t last = std::min<int64_t>(offsets[s + 1], num_nodes);
+        const int64_t count = last - first;
+        if (count <= 0) continue;
         const float base = beam_scores[b * W + w];
         const float* row = log_probs + (b * W + w) * K;
-        for (int64_t v = first; v < last; ++v) {
-          const int64_t c = codes[v];
-          if (c < 0 || c >= K) continue;  // malformed trie arrays: validated by the caller
-          float sc = base + row[c];
-          if (std::isnan(sc)) sc = neg_inf;
-          // Candidates arrive in increasing key order, so an equal score never displaces.
-          if (static_cast<int64_t>(heap.size()) == num_beams) {
-            if (!(sc > heap.front().score)) continue;
-            std::pop_heap(heap.begin(), heap.end(), better);
-            heap.back() = Candidate{sc, w * K + c, v};
-            std::push_heap(heap.begin(), heap.end(), better);
-          } else {
-            heap.push_back(Candidate{sc, w * K + c, v});
-            std::push_heap(heap.begin(), heap.end(), better);
+        const int64_t* cc = codes + first;
+        uint64_t out_of_range = 0;  // branch-free check, vectorises
+        for (int64_t j = 0; j < count; ++j)
+          out_of_range |= static_cast<uint64_t>(cc[j] >= K) | static_cast<uint64_t>(cc[j] < 0);
+        if (out_of_range) {  // malformed trie arrays or a smaller codebook: reported, skipped
+          for (int64_t j = 0; j < count; ++j) {
+            if (cc[j] < 0 || cc[j] >= K) { ++bad_codes; continue; }
+            insert(base + row[cc[j]], w * K + cc[j], first + j);
           }
+          continue;
+        }
+        if (static_cast<int64_t>(buf.size()) < count) buf.resize(count);
+        float* sc = buf.data();
+        for (int64_t j = 0; j < count; ++j) sc[j] = base + row[cc[j]];  // gather
+        for (int64_t j = 0; j < count; ++j) {
+          // Most candidates fail this one comparison once the heap is full.
+          if (static_cast<int64_t>(heap.size()) == num_beams && !(sc[j] > heap.front().score))
+            continue;
+          insert(sc[j], w * K + cc[j], first + j);
         }
       }
       std::sort_heap(heap.begin(), heap.end(), better);  // best first
@@ -77,6 +99,7 @@ void constrained_beam_step_cpu(const float* log_probs, const float* beam_scores,
       }
     }
   }
+  return bad_codes;
 }
 
 void bind_beam(py::module_& m) {
@@ -104,6 +127,7 @@ void bind_beam(py::module_& m) {
         const int64_t* st = states.data();
         const int64_t* off = offsets.data();
         const int64_t* cd = codes.data();
+        int64_t work = 0;
         for (int64_t i = 0; i < B * W; ++i) {
           const int64_t s = st[i];
           if (s < -1 || s >= n)
@@ -112,10 +136,7 @@ void bind_beam(py::module_& m) {
           if (s < 0) continue;
           if (off[s] < 0 || off[s] > off[s + 1] || off[s + 1] > n)
             fail("offsets: malformed children range of node " + std::to_string(s));
-          for (int64_t v = off[s]; v < off[s + 1]; ++v)
-            if (cd[v] < 0 || cd[v] >= K)
-              fail("codes: child code " + std::to_string(cd[v]) + " outside [0, K=" +
-                   std::to_string(K) + ") (log_probs width): states/trie of another codebook?");
+          work += off[s + 1] - off[s];
         }
         py::array_t<float> out_scores({B, num_beams});
         py::array_t<int64_t> out_parent({B, num_beams}), out_token({B, num_beams}),
@@ -124,11 +145,15 @@ void bind_beam(py::module_& m) {
         int64_t* op = out_parent.mutable_data();
         int64_t* ot = out_token.mutable_data();
         int64_t* ox = out_state.mutable_data();
+        int64_t bad_codes;
         {
           py::gil_scoped_release release;
-          constrained_beam_step_cpu(log_probs.data(), scores.data(), st, off, cd, n, B, W, K,
-                                    num_beams, os, op, ot, ox);
+          bad_codes = constrained_beam_step_cpu(log_probs.data(), scores.data(), st, off, cd, n,
+                                                B, W, K, num_beams, os, op, ot, ox, work);
         }
+        if (bad_codes)
+          fail("codes: " + std::to_string(bad_codes) + " child codes outside [0, K=" +
+               std::to_string(K) + ") (log_probs width): trie of another codebook?");
         return py::make_tuple(out_scores, out_parent, out_token, out_state);
       },
       py::arg("log_probs"), py::arg("beam_scores"), py::arg("states"), py::arg("offsets"),
