@@ -61,24 +61,36 @@ int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scor
         const float base = beam_scores[b * W + w];
         const float* row = log_probs + (b * W + w) * K;
         const int64_t* cc = codes + first;
-        uint64_t out_of_range = 0;  // branch-free check, vectorises
-        for (int64_t j = 0; j < count; ++j)
-          out_of_range |= static_cast<uint64_t>(cc[j] >= K) | static_cast<uint64_t>(cc[j] < 0);
+        // Pass 1 (vectorises): gather scores at clamped codes, flag out-of-range codes.
+        if (static_cast<int64_t>(buf.size()) < count + 8) buf.resize(count + 8);
+        float* sc = buf.data();
+        uint64_t out_of_range = 0;
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t c = cc[j];
+          out_of_range |= static_cast<uint64_t>(c) >= static_cast<uint64_t>(K);
+          sc[j] = base + row[c < 0 ? 0 : (c >= K ? K - 1 : c)];
+        }
         if (out_of_range) {  // malformed trie arrays or a smaller codebook: reported, skipped
           for (int64_t j = 0; j < count; ++j) {
             if (cc[j] < 0 || cc[j] >= K) { ++bad_codes; continue; }
-            insert(base + row[cc[j]], w * K + cc[j], first + j);
+            insert(sc[j], w * K + cc[j], first + j);
           }
           continue;
         }
-        if (static_cast<int64_t>(buf.size()) < count) buf.resize(count);
-        float* sc = buf.data();
-        for (int64_t j = 0; j < count; ++j) sc[j] = base + row[cc[j]];  // gather
-        for (int64_t j = 0; j < count; ++j) {
-          // Most candidates fail this one comparison once the heap is full.
-          if (static_cast<int64_t>(heap.size()) == num_beams && !(sc[j] > heap.front().score))
-            continue;
+        // Pass 2: once the heap is full, most blocks of 8 have no score above its worst one.
+        int64_t j = 0;
+        while (static_cast<int64_t>(heap.size()) < num_beams && j < count) {
           insert(sc[j], w * K + cc[j], first + j);
+          ++j;
+        }
+        for (; j < count; j += 8) {
+          const int64_t end = std::min<int64_t>(j + 8, count);
+          const float threshold = heap.front().score;
+          bool any = false;
+          for (int64_t q = j; q < end; ++q) any |= sc[q] > threshold;
+          if (!any) continue;
+          for (int64_t q = j; q < end; ++q)
+            if (sc[q] > heap.front().score) insert(sc[q], w * K + cc[q], first + q);
         }
       }
       std::sort_heap(heap.begin(), heap.end(), better);  // best first

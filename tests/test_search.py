@@ -208,9 +208,15 @@ def test_step_under_torch_compile(catalog):
     sc = torch.randn(2, 3, generator=g)
     states = torch.randint(1, int(t.level_start[2]), (2, 3), generator=g)
     fn = torch.compile(lambda *a: constrained_beam_step(*a, 4), fullgraph=True, backend="eager")
-    for a, b in zip(fn(lp, sc, states, t.offsets, t.codes),
-                    constrained_beam_step_reference(lp, sc, states, t.offsets, t.codes, 4)):
+    ref = constrained_beam_step_reference(lp, sc, states, t.offsets, t.codes, 4)
+    for a, b in zip(fn(lp, sc, states, t.offsets, t.codes), ref):
         assert torch.equal(a, b)
+    # The registered op itself (what compiled graphs call) and its fake implementation.
+    for a, b in zip(torch.ops.recbase.constrained_beam_step(lp, sc, states, t.offsets, t.codes, 4), ref):
+        assert torch.equal(a, b)
+    torch.library.opcheck(torch.ops.recbase.constrained_beam_step.default,
+                          (lp, sc, states, t.offsets, t.codes, 4),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 class ProtocolModel:
@@ -336,6 +342,8 @@ def test_logits_processor_masks_exactly():
             assert fin == allowed
             for a in allowed:
                 assert out[i, a] == scores[i, a]
+    with pytest.raises(ValueError, match="another tokenizer"):
+        proc(torch.ones(2, 3, dtype=torch.long), torch.zeros(2, V - 1))
 
 
 def test_logits_processor_with_generate():
@@ -365,3 +373,34 @@ def test_logits_processor_with_generate():
         lp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
     total = lp[:, T - 1:T + L_HF].gather(2, ids[:, T:, None]).squeeze(2).sum(1)
     assert found.tolist() == torch.argsort(-total, stable=True).tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_matches_cpu_and_search_runs():
+    from recbase._native import C
+
+    rng = np.random.default_rng(9)
+    K, L = 16, 3
+    codes = random_codes(rng, 900, L, K)
+    trie = ConceptTrie(codes, codebook_size=K)
+    for level, (B, W, nb) in enumerate([(7, 1, 20), (5, 20, 20), (3, 40, 100)]):
+        t = trie.tensors()
+        lo, hi = int(t.level_start[level]), int(t.level_start[level + 1])
+        states = torch.from_numpy(rng.integers(lo, hi, size=(B, W)))
+        states[torch.from_numpy(rng.random((B, W)) < 0.2)] = -1
+        lp = torch.from_numpy(rng.integers(-4, 1, size=(B * W, K)).astype(np.float32))  # ties
+        sc = torch.from_numpy(rng.standard_normal((B, W)).astype(np.float32))
+        cpu = constrained_beam_step(lp, sc, states, t.offsets, t.codes, nb)
+        tc = trie.tensors("cuda")
+        gpu = constrained_beam_step(lp.cuda(), sc.cuda(), states.cuda(), tc.offsets, tc.codes, nb)
+        ref = constrained_beam_step_reference(lp.cuda(), sc.cuda(), states.cuda(), tc.offsets,
+                                              tc.codes, nb)
+        for a, b, r in zip(cpu, gpu, ref):
+            assert torch.equal(a, b.cpu()) and torch.equal(a, r.cpu())
+    assert C.cuda_compiled  # the CUDA engine, not the fallback, was tested
+    scorer = make_scorer(K)
+    items, scores = beam_search(lambda u, p: scorer(u.cpu(), p.cpu()).cuda(), trie,
+                                torch.arange(2).cuda(), num_beams=10, k=5)
+    ref_items, ref_scores = beam_search(scorer, trie, 2, num_beams=10, k=5)
+    assert torch.equal(items.cpu(), ref_items)

@@ -264,6 +264,7 @@ class ConceptTrieLogitsProcessor(_LogitsProcessorBase):
         if not isinstance(trie, ConceptTrie):
             raise TypeError(f"trie: expected a recbase.ConceptTrie, got {type(trie).__name__}")
         self.trie = trie
+        self.trie_id = trie.trie_id
         self.prompt_length = prompt_length
         self.eos_token_id = int(eos_token_id)
         n = trie.num_nodes
@@ -297,6 +298,13 @@ class ConceptTrieLogitsProcessor(_LogitsProcessorBase):
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1]
         K, L = self.trie.codebook_size, self.trie.depth
+        if scores.dim() != 2 or scores.shape[1] < NUM_SPECIALS + L * K:
+            raise ValueError(f"scores: expected shape (rows, vocab >= 4 + L*K = "
+                             f"{NUM_SPECIALS + L * K}) for this trie (L={L}, K={K}), got "
+                             f"{tuple(scores.shape)}: is the trie from another tokenizer?")
+        if input_ids.shape[0] != scores.shape[0]:
+            raise ValueError(f"input_ids: expected {scores.shape[0]} rows like scores, got "
+                             f"{input_ids.shape[0]}")
         t = input_ids.shape[1] - self.prompt_length
         if t < 0:
             raise ValueError(f"input_ids: length {input_ids.shape[1]} is shorter than "
