@@ -117,18 +117,23 @@ class ConceptTrie:
 
     @property
     def offsets(self) -> np.ndarray:
+        """[num_nodes + 1]: children of node v are the node ids offsets[v] .. offsets[v+1]-1."""
         return self._native.offsets
 
     @property
     def codes(self) -> np.ndarray:
+        """[num_nodes]: code of the edge into each node (root: -1). Not the item rows: see
+        :meth:`item_codes`."""
         return self._native.codes
 
     @property
     def leaf_items(self) -> np.ndarray:
+        """[num_items]: item index of leaf node ``level_start[depth] + j``."""
         return self._native.leaf_items
 
     @property
     def root_table(self) -> np.ndarray:
+        """[K]: dense first level, the root's child node for each code, or -1."""
         return self._native.root_table
 
     @property
