@@ -53,9 +53,9 @@ __global__ void constrained_beam_step_kernel(const float* __restrict__ log_probs
                                              int64_t* __restrict__ out_parent,
                                              int64_t* __restrict__ out_token,
                                              int64_t* __restrict__ out_state) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ long long smem_ll[];  // long long: 8-byte alignment of the dynamic block
   // Layout: prefix[W+1] (int64), first_child[W] (int64), base[W] (float).
-  long long* prefix = reinterpret_cast<long long*>(smem_raw);
+  long long* prefix = smem_ll;
   long long* first_child = prefix + (W + 1);
   float* base = reinterpret_cast<float*>(first_child + W);
   __shared__ Pick warp_picks[kThreads / 32];
