@@ -280,3 +280,23 @@ def test_triton_path_equals_reference_path(mask):
     torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=1e-5)
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_reference_attention_grouping_matches_single_group(monkeypatch):
+    import recbase.ops.attention as ops
+
+    gen = torch.Generator().manual_seed(13)
+    lens = [5, 1, 9, 0, 3, 7]
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    n = int(cu[-1])
+    item = torch.cat([torch.arange(x) // 2 for x in lens])
+    q, k, v, g = (torch.randn(n, 2, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    whole = ops._attention_reference_fwd(q, k, v, cu, item, "item", 0.3)
+    dwhole = ops._attention_reference_bwd(g, q, k, v, cu, item, "item", 0.3)
+    monkeypatch.setattr(ops, "_REFERENCE_SCORE_BUDGET", 60)
+    assert len(ops._reference_groups(cu, 2)) > 2
+    split = ops._attention_reference_fwd(q, k, v, cu, item, "item", 0.3)
+    dsplit = ops._attention_reference_bwd(g, q, k, v, cu, item, "item", 0.3)
+    for a, b in zip(whole + dwhole, split + dsplit):
+        torch.testing.assert_close(a, b)
