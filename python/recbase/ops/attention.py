@@ -65,9 +65,12 @@ def _use_triton(t: torch.Tensor, code: int) -> bool:
     """The single decision point: Triton or the PyTorch reference."""
     if code == 1:
         return False
+    supported = t.dtype in (torch.float16, torch.bfloat16, torch.float32)
     if code == 0:
-        return t.is_cuda and _triton_installed()
+        return t.is_cuda and supported and _triton_installed()
     # explicit Triton request
+    if not supported:
+        raise TypeError(f"backend='triton' supports float16/bfloat16/float32, got {t.dtype}")
     if not _triton_installed():
         raise RuntimeError("backend='triton' requested but Triton is not installed")
     if t.is_cuda:
