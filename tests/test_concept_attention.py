@@ -117,3 +117,51 @@ def test_gpu_half_precision(dtype, dim, mask):
     lens = [1, 200, 37, 800, 64]
     q, k, v, g, cu, item = _batch(lens, heads=8, kv_heads=2, dim=dim, items_per_seq_gen=4, seed=14, dtype=dtype)
     _check(q, k, v, g, cu, item, mask, rel=2e-2)
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import recbase.kernels.concept_attention as ka
+import recbase.kernels.concept_embedding as ke
+import recbase.kernels.level_cross_entropy as kl
+
+def build(fn, types, consts):
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    cx = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32))
+
+t = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "TW", "LW", "IW", "OUT", "DOUT", "W", "G")}
+t.update({n: "*fp32" for n in ("LSE", "DELTA", "DTW", "DLW", "DIW", "LOSS", "DLOSS")})
+t.update({n: "*i32" for n in ("CU", "ITEM", "KV_END", "ITEM_START", "BLK_LEVEL", "BLK_START", "BLK_END")})
+t.update({n: "*i64" for n in ("TOK", "LVL", "TGT")})
+t["sm_scale"] = "fp32"
+att = dict(HEAD_DIM=64, BLOCK_D=64, ITEM_MASK=True, BLOCK_M=64, BLOCK_N=64)
+for fn in (ka._fwd_kernel, ka._bwd_dkdv_kernel, ka._bwd_dq_kernel):
+    build(fn, t, att)
+t["ITEM"] = "*i64"
+build(ke._emb_fwd_kernel, t, dict(HAS_ITEM=True, BLOCK_R=32, BLOCK_H=256))
+build(ke._emb_bwd_kernel, t, dict(NUM_LEVELS=5, HAS_ITEM=True, BLOCK_R=32, BLOCK_H=256))
+t["H"] = "*bf16"  # hidden states here (a head count in the attention kernels)
+for fn in (kl._ce_fwd_kernel, kl._ce_bwd_kernel):
+    build(fn, t, dict(BLOCK_R=64, BLOCK_K=128, BLOCK_H=64))
+print("COMPILED")
+"""
+
+
+@pytest.mark.slow
+def test_gpu_kernels_compile_for_sm90_without_gpu():
+    """Ahead-of-time compile of every kernel to an sm_90 cubin (bf16): GPU-only compile errors show
+    up on machines without a GPU. Runs in a subprocess: the interpreter must be off there."""
+    import subprocess
+    import sys
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and "COMPILED" in res.stdout, res.stderr[-4000:]
