@@ -64,6 +64,10 @@ def test_presets_and_config_validation():
     assert (large.hidden_size, large.intermediate_size, large.num_hidden_layers,
             large.num_attention_heads, large.num_key_value_heads) == (1536, 8960, 28, 12, 2)
     assert base.vocab_size == 4 + base.levels * base.codebook_size
+    with torch.device("meta"):  # parameter counts of the paper's sizes, without allocating
+        n_base = sum(p.numel() for p in RecBaseForCausalLM(base).parameters())
+        n_large = sum(p.numel() for p in RecBaseForCausalLM(large).parameters())
+    assert 0.28e9 < n_base < 0.36e9 and 1.2e9 < n_large < 1.6e9
     with pytest.raises(ValueError, match="unknown preset"):
         RecBaseConfig.from_preset("huge")
     with pytest.raises(ValueError, match="must divide"):
@@ -88,6 +92,11 @@ def test_packed_and_padded_agree_and_loss_matches_bruteforce():
     torch.testing.assert_close(padded.logits[mask], packed.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded.loss, packed.loss)
     assert math.isclose(float(packed.loss.detach()), _manual_loss(model, seqs), rel_tol=1e-4)
+    left = torch.zeros_like(padded_ids)
+    for i, s in enumerate(seqs):
+        left[i, t - len(s):] = s
+    left_out = model(left, attention_mask=left != 0, return_loss=True, output_logits=True)
+    torch.testing.assert_close(left_out.logits[left != 0], packed.logits, rtol=1e-5, atol=1e-5)
     # logits only when asked
     assert model(ids, cu_seqlens=cu, return_loss=True).logits is None
 
@@ -157,6 +166,10 @@ def test_kv_cache_generation_equals_full_recompute(kv_heads):
     hist = [_seq(cfg, 2, True, gen), _seq(cfg, 1, False, gen), torch.tensor([], dtype=torch.long)]
     state, lp = model.start_generation(hist)
     assert lp.shape == (3, K) and lp.dtype == torch.float32
+    padded = torch.zeros(3, 7, dtype=torch.long)
+    for i, h in enumerate(hist):
+        padded[i, : len(h)] = h
+    torch.testing.assert_close(model.start_generation(padded)[1], lp)
     seqs = [h if h.numel() else torch.tensor([1]) for h in hist]
     # expand to 2 beams per user, reorder, decode two items
     index = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -225,6 +238,8 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.cat([good, good]), cu_seqlens=torch.tensor([0, 5, 4, 8]))
     with pytest.raises(ValueError, match="packed 1-D"):
         model(good[None], cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="contiguous run"):
+        model(torch.tensor([[1, 4, 0, 4 + K]]), attention_mask=torch.tensor([[1, 1, 0, 1]]))
     with pytest.raises(ValueError, match="labels shape"):
         model(good[None], labels=good)
     q = torch.randn(4, 3, 8)
