@@ -6,10 +6,17 @@ FlexAttention (packed + block mask), forward and forward+backward, bf16, 8 heads
     python -m pytest bench/bench_attention.py -q -s          # GPU rows skip without CUDA
 
 A CPU row compares the PyTorch reference path of ``concept_attention`` with a per-sequence SDPA loop.
+``RECBASE_BENCH_SMOKE=1`` runs the GPU rows on CPU at toy sizes (Triton interpreter, fp32) to check
+the harness itself; its numbers mean nothing.
 """
 from __future__ import annotations
 
 import math
+import os
+import time
+
+if os.environ.get("RECBASE_BENCH_SMOKE") == "1":  # before Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -18,7 +25,23 @@ import torch.nn.functional as F
 from recbase.ops.attention import concept_attention
 
 USERS, TOKENS_PER_ITEM, HEADS, HEAD_DIM = 256, 4, 8, 64
+SMOKE = os.environ.get("RECBASE_BENCH_SMOKE") == "1" and not torch.cuda.is_available()
 _ROWS: list = []
+
+
+def _time_ms(step):
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return do_bench(step, warmup=10, rep=50)
+    t0 = time.perf_counter()
+    step()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _jagged(users, max_items, heads, kv_heads, dim, device, dtype, seed=0):
@@ -82,7 +105,9 @@ def _padded(q, k, v, lens, mask_kind):
     return pad(q), pad(k), pad(v), allowed[:, None]
 
 
-def _flex(q, k, v, cu, item, mask_kind):
+def _flex(q, k, v, cu, item, mask_kind, requires_grad):
+    """FlexAttention over the packed batch ([1, H, N, D]) with a document + causal/item block mask.
+    Returns (callable, leaf inputs)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     n = q.shape[0]
@@ -94,11 +119,23 @@ def _flex(q, k, v, cu, item, mask_kind):
         same = doc[qi] == doc[ki]
         return same & ((ki <= qi) if mask_kind == "causal" else (it[ki] <= it[qi]))
 
-    block_mask = create_block_mask(mask_mod, None, None, n, n, device=q.device)
+    try:  # compiled mask construction: never materialises the dense N x N mask
+        block_mask = create_block_mask(mask_mod, None, None, n, n, device=q.device, _compile=True)
+    except TypeError:
+        block_mask = create_block_mask(mask_mod, None, None, n, n, device=q.device)
     fn = torch.compile(flex_attention)
     groups = q.shape[1] // k.shape[1]
-    qf, kf, vf = (x.transpose(0, 1)[None].contiguous() for x in (q, k, v))
-    return lambda qq=qf, kk=kf, vv=vf: fn(qq, kk, vv, block_mask=block_mask, enable_gqa=groups > 1)
+    leaves = tuple(x.detach().transpose(0, 1)[None].contiguous().requires_grad_(requires_grad) for x in (q, k, v))
+    return (lambda: fn(*leaves, block_mask=block_mask, enable_gqa=groups > 1)), leaves
+
+
+def _unpad(out, name, lens):
+    """Anchor outputs back to the packed [N, H, D] layout."""
+    if name == "flex":
+        return out[0].transpose(0, 1)
+    b = torch.arange(len(lens)).repeat_interleave(lens)
+    pos = torch.cat([torch.arange(int(n)) for n in lens])
+    return out.transpose(1, 2)[b.to(out.device), pos.to(out.device)]
 
 
 def _run_backward(fn, inputs):
@@ -108,15 +145,16 @@ def _run_backward(fn, inputs):
         x.grad = None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not (torch.cuda.is_available() or SMOKE), reason="needs CUDA (or RECBASE_BENCH_SMOKE=1)")
 @pytest.mark.parametrize("max_items", [50, 200])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("mask", ["causal", "item"])
 def test_attention_vs_sdpa_and_flex(benchmark, max_items, mode, mask):
-    from triton.testing import do_bench
-
-    dev, dt = "cuda", torch.bfloat16
-    q, k, v, cu, item, lens = _jagged(USERS, max_items, HEADS, HEADS, HEAD_DIM, dev, dt)
+    if SMOKE:
+        dev, dt, users, max_items = "cpu", torch.float32, 3, max_items // 25
+    else:
+        dev, dt, users = "cuda", torch.bfloat16, USERS
+    q, k, v, cu, item, lens = _jagged(users, max_items, HEADS, HEADS, HEAD_DIM, dev, dt)
     bwd = mode == "fwd+bwd"
     for x in (q, k, v):
         x.requires_grad_(bwd)
@@ -127,25 +165,29 @@ def test_attention_vs_sdpa_and_flex(benchmark, max_items, mode, mask):
     sdpa = lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=dense_mask)  # noqa: E731
     impls = {"triton": (ours, (q, k, v)), "sdpa_dense": (sdpa, (qp, kp, vp))}
     try:
-        qf, kf, vf = (x.detach().clone().requires_grad_(bwd) for x in (q, k, v))
-        flex = _flex(qf, kf, vf, cu, item, mask)
-        flex_inputs = tuple(x.transpose(0, 1)[None] for x in (qf, kf, vf))
-        impls["flex"] = (flex, flex_inputs)
+        impls["flex"] = _flex(q, k, v, cu, item, mask, bwd)
     except Exception as exc:  # FlexAttention needs a recent torch + working inductor
         print(f"FlexAttention unavailable: {exc!r}")
+    ref = ours().detach().float()
     times = {}
     for name, (fn, inputs) in impls.items():
         step = (lambda f=fn, i=inputs: _run_backward(f, i)) if bwd else fn
-        if name == "flex" and bwd:
-            step = lambda f=fn: f().sum().backward()  # noqa: E731
-        step()
-        torch.cuda.synchronize()
-        times[name] = do_bench(step, warmup=10, rep=50)  # ms
-    benchmark.pedantic(lambda: (ours().sum().backward() if bwd else ours(), torch.cuda.synchronize()),
-                       rounds=10, warmup_rounds=2)
+        try:
+            got = fn().detach().float()
+            got = got if name == "triton" else _unpad(got, name, lens)
+            torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)  # same attention, checked
+            step()
+            _sync()
+            times[name] = _time_ms(step)  # ms
+        except Exception as exc:
+            if name != "flex":
+                raise
+            print(f"FlexAttention failed: {exc!r}")
+    benchmark.pedantic(lambda: (ours().sum().backward() if bwd else ours(), _sync()),
+                       rounds=2 if SMOKE else 10, warmup_rounds=0 if SMOKE else 2)
     flops, _ = _work(lens, mask, HEADS, HEAD_DIM)
     flops *= 3.5 if bwd else 1.0  # backward = 2.5x forward matmul work
-    nbytes = _bytes(int(cu[-1]), HEADS, HEADS, HEAD_DIM, 2, bwd)
+    nbytes = _bytes(int(cu[-1]), HEADS, HEADS, HEAD_DIM, q.element_size(), bwd)
     row = {"items": max_items, "mode": mode, "mask": mask, "tokens": int(cu[-1])}
     for name, ms in times.items():
         row[f"{name}_ms"] = round(ms, 4)
