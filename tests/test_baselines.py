@@ -133,3 +133,12 @@ def test_errors():
         Popularity().fit([np.array([0])], 2).recommend(np.array([0, 1]), 1)
     with pytest.raises(ValueError, match="num_items=2"):
         Popularity().fit([np.array([5])], 2)
+
+
+
+@pytest.mark.parametrize("module", ['recbase.baselines'])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+    res = doctest.testmod(importlib.import_module(module))
+    assert res.failed == 0 and res.attempted > 0

@@ -135,3 +135,12 @@ def test_build_ctr_pairs_small_catalog():
         build_ctr_pairs([np.array([7])], 5)
     with pytest.raises(ValueError, match="no user has a positive"):
         build_ctr_pairs([np.array([], dtype=np.int64)], 5)
+
+
+
+@pytest.mark.parametrize("module", ['recbase.evaluate'])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+    res = doctest.testmod(importlib.import_module(module))
+    assert res.failed == 0 and res.attempted > 0
