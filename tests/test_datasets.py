@@ -127,6 +127,8 @@ def test_from_frames_and_errors():
     items, inter = _frames(rng)
     ds = rd.from_frames(items, inter, "movies")
     assert len(ds) == len(inter) and set(ds.items["item_id"]) == set(inter["item_id"])
+    texts = ds.item_texts()
+    assert len(texts) == ds.num_items and texts[0] == 'Describe a movie: {"Title": "%s"}' % ds.items["title"].iloc[0]
     with pytest.raises(ValueError, match=r"interactions is missing column\(s\) \['user_id'\]"):
         rd.from_frames(items, inter.drop(columns="user_id"), "movies")
     with pytest.raises(ValueError, match="must be unique"):
@@ -225,3 +227,12 @@ def test_real_book_crossing():
     assert ds.info.get("rating_rows", 1149780) == 1149780
     assert len(ds) == 1031178 and ds.num_items == 269862
     assert not ds.interactions.duplicated(["user_id", "item_id"]).any()
+
+
+
+@pytest.mark.parametrize("module", ['recbase.datasets'])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+    res = doctest.testmod(importlib.import_module(module))
+    assert res.failed == 0 and res.attempted > 0

@@ -1,8 +1,13 @@
 """RecBase model: reference attention path, restricted CE, KV-cache generation, save/load, errors."""
 import math
+import os
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton-path test below runs in the interpreter; set before import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from recbase.model import PRESETS, RecBaseConfig, RecBaseForCausalLM
 from recbase.ops.attention import (
@@ -32,6 +37,7 @@ def _pack(seqs):
     return torch.cat(seqs), cu
 
 
+@torch.no_grad()
 def _manual_loss(model, seqs):
     """Brute force: full-vocab logits from the model's hidden states, restricted by hand."""
     cfg = model.config
@@ -58,6 +64,10 @@ def test_presets_and_config_validation():
     assert (large.hidden_size, large.intermediate_size, large.num_hidden_layers,
             large.num_attention_heads, large.num_key_value_heads) == (1536, 8960, 28, 12, 2)
     assert base.vocab_size == 4 + base.levels * base.codebook_size
+    with torch.device("meta"):  # parameter counts of the paper's sizes, without allocating
+        n_base = sum(p.numel() for p in RecBaseForCausalLM(base).parameters())
+        n_large = sum(p.numel() for p in RecBaseForCausalLM(large).parameters())
+    assert 0.28e9 < n_base < 0.36e9 and 1.2e9 < n_large < 1.6e9
     with pytest.raises(ValueError, match="unknown preset"):
         RecBaseConfig.from_preset("huge")
     with pytest.raises(ValueError, match="must divide"):
@@ -82,6 +92,11 @@ def test_packed_and_padded_agree_and_loss_matches_bruteforce():
     torch.testing.assert_close(padded.logits[mask], packed.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded.loss, packed.loss)
     assert math.isclose(float(packed.loss.detach()), _manual_loss(model, seqs), rel_tol=1e-4)
+    left = torch.zeros_like(padded_ids)
+    for i, s in enumerate(seqs):
+        left[i, t - len(s):] = s
+    left_out = model(left, attention_mask=left != 0, return_loss=True, output_logits=True)
+    torch.testing.assert_close(left_out.logits[left != 0], packed.logits, rtol=1e-5, atol=1e-5)
     # logits only when asked
     assert model(ids, cu_seqlens=cu, return_loss=True).logits is None
 
@@ -151,6 +166,10 @@ def test_kv_cache_generation_equals_full_recompute(kv_heads):
     hist = [_seq(cfg, 2, True, gen), _seq(cfg, 1, False, gen), torch.tensor([], dtype=torch.long)]
     state, lp = model.start_generation(hist)
     assert lp.shape == (3, K) and lp.dtype == torch.float32
+    padded = torch.zeros(3, 7, dtype=torch.long)
+    for i, h in enumerate(hist):
+        padded[i, : len(h)] = h
+    torch.testing.assert_close(model.start_generation(padded)[1], lp)
     seqs = [h if h.numel() else torch.tensor([1]) for h in hist]
     # expand to 2 beams per user, reorder, decode two items
     index = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -219,6 +238,8 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.cat([good, good]), cu_seqlens=torch.tensor([0, 5, 4, 8]))
     with pytest.raises(ValueError, match="packed 1-D"):
         model(good[None], cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="contiguous run"):
+        model(torch.tensor([[1, 4, 0, 4 + K]]), attention_mask=torch.tensor([[1, 1, 0, 1]]))
     with pytest.raises(ValueError, match="labels shape"):
         model(good[None], labels=good)
     q = torch.randn(4, 3, 8)
@@ -253,3 +274,44 @@ def test_concept_attention_compiles():
     fn = torch.compile(lambda q: concept_attention(q, q, q, cu, item, backend="reference", check_inputs=False),
                        backend="eager", fullgraph=True)
     torch.testing.assert_close(fn(q), concept_attention_reference(q, q, q, cu, item))
+
+
+@pytest.mark.parametrize("mask", ["causal", "item"])
+def test_triton_path_equals_reference_path(mask):
+    pytest.importorskip("triton")
+    ref = _model(seed=11, attention_mask_type=mask, item_position_embedding=True).train()
+    tri = RecBaseForCausalLM(RecBaseConfig(**{**ref.config.to_dict(), "kernel_backend": "triton"})).train()
+    tri.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(12)
+    seqs = [_seq(ref.config, 3, True, gen), _seq(ref.config, 1, False, gen), _seq(ref.config, 2, True, gen)]
+    ids, cu = _pack(seqs)
+    outs = []
+    for m in (ref, tri):
+        o = m(ids, cu_seqlens=cu, return_loss=True, output_logits=True)
+        o.loss.backward()
+        outs.append((o, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (a, ga), (b, gb) = outs
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=1e-5)
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_reference_attention_grouping_matches_single_group(monkeypatch):
+    import recbase.ops.attention as ops
+
+    gen = torch.Generator().manual_seed(13)
+    lens = [5, 1, 9, 0, 3, 7]
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    n = int(cu[-1])
+    item = torch.cat([torch.arange(x) // 2 for x in lens])
+    q, k, v, g = (torch.randn(n, 2, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    whole = ops._attention_reference_fwd(q, k, v, cu, item, "item", 0.3)
+    dwhole = ops._attention_reference_bwd(g, q, k, v, cu, item, "item", 0.3)
+    monkeypatch.setattr(ops, "_REFERENCE_SCORE_BUDGET", 60)
+    assert len(ops._reference_groups(cu, 2)) > 2
+    split = ops._attention_reference_fwd(q, k, v, cu, item, "item", 0.3)
+    dsplit = ops._attention_reference_bwd(g, q, k, v, cu, item, "item", 0.3)
+    for a, b in zip(whole + dwhole, split + dsplit):
+        torch.testing.assert_close(a, b)

@@ -91,3 +91,26 @@ def test_truncate_and_pad(seqs, max_len):
     for row, s in zip(pad, seqs):
         kept = s[-max_len:]
         assert row[max_len - len(kept):].tolist() == kept and (row[:max_len - len(kept)] == -1).all()
+
+
+
+@pytest.mark.parametrize("module", ['recbase.data.splits', 'recbase.data.sequences'])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+    res = doctest.testmod(importlib.import_module(module))
+    assert res.failed == 0 and res.attempted > 0
+
+
+def test_holdout_last():
+    from recbase.data.splits import holdout_last
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, 50, size=rng.integers(0, 25)) for _ in range(30)]
+    hist, pos, kept = holdout_last(seqs, 10, min_history=2)
+    assert kept.tolist() == [u for u, s in enumerate(seqs) if len(s) >= 3]
+    for h, p, u in zip(hist, pos, kept):
+        s = seqs[u]
+        n = min(10, len(s) - 2)
+        assert p.tolist() == s[-n:].tolist() and h.tolist() == s[:-n].tolist()
+    with pytest.raises(ValueError, match="max_positives"):
+        holdout_last(seqs, 0)

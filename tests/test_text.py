@@ -67,3 +67,12 @@ def test_errors():
         template_for("games")
     with pytest.raises(ValueError, match="none of the template columns"):
         MOVIE_TEMPLATE.render_frame(pd.DataFrame({"x": [1]}))
+
+
+
+@pytest.mark.parametrize("module", ['recbase.data.text'])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+    res = doctest.testmod(importlib.import_module(module))
+    assert res.failed == 0 and res.attempted > 0

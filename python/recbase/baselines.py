@@ -131,22 +131,45 @@ class Popularity(BaseRecommender):
 
 
 class TextKNN(BaseRecommender):
-    """Cosine similarity between the mean history embedding and every catalog item.
+    """Cosine similarity between the (recency-weighted) mean history embedding and every
+    catalog item: u = sum_j w_j e_{h_j} with w_j = decay**(age of item j, 0 = most recent);
+    score(i) = cos(u, e_i).
 
     Args:
         item_embeddings: (N, d) text embeddings, row i = item index i (normalised here).
         max_history: use only the most recent items (None = all).
+        decay: recency weight in (0, 1]; 1.0 = plain mean. Recent items predict the next one
+            far better (ML-1M valid NDCG@10: plain mean 0.006, last item only 0.023), so
+            :meth:`tune` picks ``decay``/``max_history`` on validation data.
     Users with an empty history get all-zero scores (ties -> lowest indices).
     Needs no training: ``fit`` only records sizes (zero-shot).
     """
 
-    def __init__(self, item_embeddings, *, max_history: int | None = None) -> None:
+    def __init__(self, item_embeddings, *, max_history: int | None = None,
+                 decay: float = 1.0) -> None:
         e = np.asarray(item_embeddings, dtype=np.float32)
         if e.ndim != 2 or e.shape[0] < 1:
             raise ValueError(f"TextKNN: item_embeddings must be (num_items, d), got shape {e.shape}")
+        if not (0.0 < float(decay) <= 1.0):
+            raise ValueError(f"TextKNN: decay must be in (0, 1], got {decay!r}")
         self.emb = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         self.num_items = e.shape[0]
         self.max_history = max_history
+        self.decay = float(decay)
+
+    def tune(self, histories, targets, *, decays=(1.0, 0.9, 0.7, 0.5, 0.3, 0.1),
+             max_histories=(None, 10, 1), k: int = 10) -> dict:
+        """Pick (decay, max_history) maximising NDCG@k on validation (histories, targets);
+        sets them on self and returns ``{"decay", "max_history", "ndcg": {...}}``."""
+        from .evaluate import ndcg_at_k
+        grid = {}
+        for mh in max_histories:
+            for d in decays:
+                self.max_history, self.decay = mh, float(d)
+                grid[(d, mh)] = ndcg_at_k(self.recommend(histories, k), targets, k)
+        (d, mh), _ = max(grid.items(), key=lambda kv: kv[1])
+        self.decay, self.max_history = float(d), mh
+        return {"decay": d, "max_history": mh, "ndcg": {f"{a}/{b}": v for (a, b), v in grid.items()}}
 
     def fit(self, train_sequences=None, num_items: int | None = None, **_) -> "TextKNN":
         if num_items is not None and num_items != self.num_items:
@@ -161,7 +184,8 @@ class TextKNN(BaseRecommender):
             if self.max_history:
                 h = h[-self.max_history:]
             if h.size:
-                u[b] = self.emb[h].mean(0)
+                w = self.decay ** np.arange(h.size - 1, -1, -1, dtype=np.float64)
+                u[b] = (w[:, None] * self.emb[h]).sum(0)
         return u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
 
     def scores(self, histories) -> np.ndarray:
@@ -427,6 +451,8 @@ def main(argv=None) -> dict:
             emb, st = item_text_embeddings(ds)
             results["encoder"] = st
             model = TextKNN(emb)
+            tuned = model.tune(split.valid_histories, split.valid_targets)
+            print("textknn tuned on validation:", tuned, flush=True)
         elif name == "sasrec":
             model = SASRec(hidden=args.hidden, blocks=args.blocks, heads=args.heads,
                            max_len=args.max_len, dropout=args.dropout, lr=args.lr,

@@ -144,6 +144,12 @@ class Dataset:
             "history_max": int(counts.max()) if len(counts) else 0,
         }
 
+    def item_texts(self, template=None) -> list[str]:
+        """Unified item texts in catalog order (``template``: an ItemTemplate, a built-in
+        domain name, or None for this dataset's domain)."""
+        from .data.text import render_items
+        return render_items(self.items, self.domain if template is None else template)
+
     def _replace(self, interactions: pd.DataFrame, note: str) -> "Dataset":
         interactions = interactions.reset_index(drop=True)
         keep = self.items["item_id"].isin(interactions["item_id"].unique())

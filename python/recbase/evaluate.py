@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["hit_ranks", "recall_at_k", "ndcg_at_k", "mrr", "evaluate_rankings", "auc_score",
+__all__ = ["hit_matrix", "hit_ranks", "recall_at_k", "ndcg_at_k", "mrr", "evaluate_rankings", "auc_score",
            "user_auc", "CTRPairs", "build_ctr_pairs", "evaluate_ctr"]
 
 DEFAULT_KS = (5, 10, 20)

@@ -30,7 +30,7 @@ import pandas as pd
 
 from .sequences import ItemIndex, user_sequences
 
-__all__ = ["LeaveOneOutSplit", "leave_one_out"]
+__all__ = ["LeaveOneOutSplit", "leave_one_out", "holdout_last"]
 
 
 @dataclass
@@ -110,3 +110,32 @@ def leave_one_out(data, item_index: ItemIndex | None = None, *,
         short_user_ids=users[~keep],
         short_sequences=[s for s, k in zip(seqs, keep) if not k],
     )
+
+
+def holdout_last(sequences, max_positives: int = 10, *, min_history: int = 1
+                 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """CTR-protocol split of chronological sequences: the last ``min(max_positives,
+    len - min_history)`` items of each sequence are the positives, the items before them the
+    history. Sequences shorter than ``min_history + 1`` are skipped.
+
+    Returns ``(histories, positives, kept)`` with ``kept`` the indices of the sequences used.
+
+    Example:
+        >>> h, p, kept = holdout_last([np.arange(5), np.arange(1)], max_positives=2)
+        >>> [x.tolist() for x in h], [x.tolist() for x in p], kept.tolist()
+        ([[0, 1, 2]], [[3, 4]], [0])
+    """
+    if not isinstance(max_positives, (int, np.integer)) or max_positives < 1:
+        raise ValueError(f"holdout_last: max_positives must be an int >= 1, got {max_positives!r}")
+    if not isinstance(min_history, (int, np.integer)) or min_history < 0:
+        raise ValueError(f"holdout_last: min_history must be an int >= 0, got {min_history!r}")
+    hist, pos, kept = [], [], []
+    for u, s in enumerate(sequences):
+        s = np.asarray(s, dtype=np.int64)
+        n_pos = min(max_positives, len(s) - min_history)
+        if n_pos < 1:
+            continue
+        hist.append(s[:-n_pos])
+        pos.append(s[-n_pos:])
+        kept.append(u)
+    return hist, pos, np.asarray(kept, dtype=np.int64)

@@ -39,7 +39,9 @@ class RecBaseConfig(PretrainedConfig):
         num_key_value_heads (GQA, divides heads), head_dim (default hidden/heads): Qwen2 shapes.
         rope_theta: rotary base (rotary runs over item slots, not tokens).
         attention_mask_type: "causal" (token-causal, for next-token training/generation) or
-            "item" (tokens of one item see each other).
+            "item" (tokens of one item see each other; for scoring/encoding only: under next-token
+            training a token would see the very tokens it predicts, and KV-cache generation needs
+            "causal").
         item_position_embedding: add a learned item-slot embedding (besides rotary).
         kernel_backend: "auto" (Triton on CUDA), "reference" or "triton".
     """

@@ -302,6 +302,14 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
                              f"{tuple(input_ids.shape)}")
         keep = attention_mask.bool()
         lens = keep.sum(1)
+        # each row's tokens must be one contiguous run (left or right padding), else items break up
+        t = keep.shape[1]
+        first = keep.to(torch.int8).argmax(1)
+        last = t - 1 - keep.flip(1).to(torch.int8).argmax(1)
+        holes = (lens > 0) & (last - first + 1 != lens)
+        if bool(holes.any()):
+            raise ValueError(f"attention_mask row {int(holes.nonzero()[0])} is not one contiguous run of ones "
+                             "(only left or right padding is supported)")
         cu = torch.zeros(input_ids.shape[0] + 1, dtype=torch.int64, device=input_ids.device)
         cu[1:] = lens.cumsum(0)
         return input_ids[keep], cu, keep
@@ -397,10 +405,15 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
     @torch.no_grad()
     def start_generation(self, histories: Sequence[torch.Tensor]):
         """Prefill each history once. histories: list of B 1-D LongTensors (item-aligned concept
-        tokens, optionally BOS first; an empty history is read as [BOS]).
+        tokens, optionally BOS first; an empty history is read as [BOS]), or a padded [B, T] tensor
+        (PAD=0 entries dropped).
         Returns (state, log_probs [B, K] float32 over level-0 codes of the next item)."""
         self._check_generation_ready()
         L = self.config.levels
+        if isinstance(histories, torch.Tensor):
+            if histories.dim() != 2:
+                raise ValueError(f"a histories tensor must be padded [B, T], got shape {tuple(histories.shape)}")
+            histories = [row[row != PAD_ID] for row in histories]
         if len(histories) == 0:
             raise ValueError("histories must hold at least one history")
         dev = self.lm_head.weight.device

@@ -65,9 +65,12 @@ def _use_triton(t: torch.Tensor, code: int) -> bool:
     """The single decision point: Triton or the PyTorch reference."""
     if code == 1:
         return False
+    supported = t.dtype in (torch.float16, torch.bfloat16, torch.float32)
     if code == 0:
-        return t.is_cuda and _triton_installed()
+        return t.is_cuda and supported and _triton_installed()
     # explicit Triton request
+    if not supported:
+        raise TypeError(f"backend='triton' supports float16/bfloat16/float32, got {t.dtype}")
     if not _triton_installed():
         raise RuntimeError("backend='triton' requested but Triton is not installed")
     if t.is_cuda:
@@ -139,7 +142,7 @@ def _padded_scores(q, k, cu, item, mask, scale):
     return scores, qp, kp, pad, seq, pos, acc
 
 
-def _attention_reference_fwd(q, k, v, cu, item, mask: str, scale: float):
+def _attention_reference_fwd_group(q, k, v, cu, item, mask: str, scale: float):
     """Padded-batch attention with an explicit boolean mask. Returns (out [N,H,D], lse [N,H])."""
     n, h, _ = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -153,7 +156,7 @@ def _attention_reference_fwd(q, k, v, cu, item, mask: str, scale: float):
     return out[seq, pos].to(q.dtype), lse.transpose(1, 2)[seq, pos]
 
 
-def _attention_reference_bwd(dout, q, k, v, cu, item, mask: str, scale: float):
+def _attention_reference_bwd_group(dout, q, k, v, cu, item, mask: str, scale: float):
     """Analytic backward of the padded reference (dS = P * (dP - rowsum(dO * O)))."""
     n, h, d = q.shape
     hkv = k.shape[1]
@@ -173,6 +176,52 @@ def _attention_reference_bwd(dout, q, k, v, cu, item, mask: str, scale: float):
     dk = dkp[seq, pos].view(n, hkv, g, d).sum(2)
     dv = dvp[seq, pos].view(n, hkv, g, d).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# Padded scores of a group of sequences hold at most this many elements (bounds CPU memory).
+_REFERENCE_SCORE_BUDGET = 1 << 24
+
+
+def _reference_groups(cu: torch.Tensor, heads: int):
+    """Consecutive sequence ranges [s, e) whose padded score tensors fit the budget."""
+    lens = (cu[1:] - cu[:-1]).tolist()
+    groups, s, tmax = [], 0, 0
+    for b, n in enumerate(lens):
+        t = max(tmax, n)
+        if b > s and (b - s + 1) * t * t * heads > _REFERENCE_SCORE_BUDGET:
+            groups.append((s, b))
+            s, tmax = b, n
+        else:
+            tmax = t
+    groups.append((s, len(lens)))
+    return groups
+
+
+def _attention_reference_fwd(q, k, v, cu, item, mask: str, scale: float):
+    """Reference forward (out [N,H,D], lse [N,H]) over budget-sized groups of sequences."""
+    groups = _reference_groups(cu, q.shape[1]) if cu.numel() > 1 else [(0, 0)]
+    if len(groups) == 1:
+        return _attention_reference_fwd_group(q, k, v, cu, item, mask, scale)
+    outs, lses = [], []
+    for s, e in groups:
+        a, b = int(cu[s]), int(cu[e])
+        o, l = _attention_reference_fwd_group(q[a:b], k[a:b], v[a:b], cu[s:e + 1] - cu[s], item[a:b], mask, scale)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _attention_reference_bwd(dout, q, k, v, cu, item, mask: str, scale: float):
+    """Reference backward (dq, dk, dv) over budget-sized groups of sequences."""
+    groups = _reference_groups(cu, q.shape[1]) if cu.numel() > 1 else [(0, 0)]
+    if len(groups) == 1:
+        return _attention_reference_bwd_group(dout, q, k, v, cu, item, mask, scale)
+    parts = []
+    for s, e in groups:
+        a, b = int(cu[s]), int(cu[e])
+        parts.append(_attention_reference_bwd_group(dout[a:b], q[a:b], k[a:b], v[a:b], cu[s:e + 1] - cu[s],
+                                                    item[a:b], mask, scale))
+    return tuple(torch.cat(x) for x in zip(*parts))
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
