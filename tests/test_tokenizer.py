@@ -19,14 +19,24 @@ def unique_rows(a):
 
 @pytest.mark.parametrize("dedup", ["extra_level", "reassign"])
 def test_ids_unique_even_with_heavy_collisions(dedup):
-    x = clustered(3000, 16, centers=40, seed=1)
-    tok = ItemTokenizer(levels=2, codebook_size=64, dedup=dedup, seed=0).fit(x, progress=False)
+    x = clustered(3000, 16, centers=40, seed=1, spread=0.02)
+    tok = ItemTokenizer(levels=3, codebook_size=64, dedup=dedup, seed=0).fit(x, progress=False)
     rep = tok.report()
-    assert rep["collision_rate"] > 0.05  # raw tuples really collide on this data
+    assert rep["collision_rate"] > 0.005  # raw tuples really collide on this data
     assert unique_rows(tok.codes)
     assert rep["unique_after_dedup"]
     assert tok.codes.shape == (3000, tok.id_length)
     assert tok.codes.min() >= 0 and tok.codes.max() < 64
+    if dedup == "reassign":  # only colliding items moved, only on the last level
+        sem = np.asarray(tok.quantizer.encode(x))
+        np.testing.assert_array_equal(tok.codes[:, :2], sem[:, :2])
+        assert (tok.codes[:, 2] != sem[:, 2]).mean() <= rep["collision_rate"]
+
+
+def test_reassign_fails_clearly_when_a_prefix_is_full():
+    x = clustered(3000, 16, centers=20, seed=1, spread=0.001)  # ~150 items per prefix > 64 codes
+    with pytest.raises(ValueError, match="last-level codes under prefix"):
+        ItemTokenizer(levels=2, codebook_size=64, dedup="reassign").fit(x, progress=False)
 
 
 def test_extra_level_numbers_members_of_a_group_by_distance():

@@ -66,8 +66,10 @@ class CurriculumRQVAE(nn.Module):
             )
         self.config = config
         dims = [config.input_dim, *config.hidden_dims, config.latent_dim]
-        self.encoder = _mlp(dims)
-        self.decoder = _mlp(dims[::-1])
+        with torch.random.fork_rng(devices=[]):  # seeded weights without touching global RNG
+            torch.manual_seed(config.seed)
+            self.encoder = _mlp(dims)
+            self.decoder = _mlp(dims[::-1])
         self.codebooks = nn.Parameter(
             torch.zeros(config.levels, config.codebook_size, config.latent_dim)
         )
