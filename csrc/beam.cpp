@@ -61,22 +61,23 @@ int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scor
         const float base = beam_scores[b * W + w];
         const float* row = log_probs + (b * W + w) * K;
         const int64_t* cc = codes + first;
-        // Pass 1 (vectorises): gather scores at clamped codes, flag out-of-range codes.
+        // Pass 1 (vectorises): range check of the codes, then gather scores.
         if (static_cast<int64_t>(buf.size()) < count + 8) buf.resize(count + 8);
-        float* sc = buf.data();
-        uint64_t out_of_range = 0;
-        for (int64_t j = 0; j < count; ++j) {
-          const int64_t c = cc[j];
-          out_of_range |= static_cast<uint64_t>(c) >= static_cast<uint64_t>(K);
-          sc[j] = base + row[c < 0 ? 0 : (c >= K ? K - 1 : c)];
-        }
+        float* __restrict sc = buf.data();
+        const int64_t* __restrict ccr = cc;
+        const float* __restrict rowr = row;
+        int64_t out_of_range = 0;
+        for (int64_t j = 0; j < count; ++j)
+          out_of_range += (static_cast<uint64_t>(ccr[j]) >= static_cast<uint64_t>(K));
         if (out_of_range) {  // malformed trie arrays or a smaller codebook: reported, skipped
           for (int64_t j = 0; j < count; ++j) {
             if (cc[j] < 0 || cc[j] >= K) { ++bad_codes; continue; }
-            insert(sc[j], w * K + cc[j], first + j);
+            insert(base + row[cc[j]], w * K + cc[j], first + j);
           }
           continue;
         }
+        for (int64_t j = 0; j < count; ++j) sc[j] = base + rowr[ccr[j]];
+        for (int64_t j = count; j < count + 8; ++j) sc[j] = neg_inf;  // never beats a full heap
         // Pass 2: once the heap is full, most blocks of 8 have no score above its worst one.
         int64_t j = 0;
         while (static_cast<int64_t>(heap.size()) < num_beams && j < count) {
@@ -84,11 +85,11 @@ int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scor
           ++j;
         }
         for (; j < count; j += 8) {
-          const int64_t end = std::min<int64_t>(j + 8, count);
           const float threshold = heap.front().score;
-          bool any = false;
-          for (int64_t q = j; q < end; ++q) any |= sc[q] > threshold;
+          int any = 0;
+          for (int q = 0; q < 8; ++q) any |= sc[j + q] > threshold;
           if (!any) continue;
+          const int64_t end = std::min<int64_t>(j + 8, count);
           for (int64_t q = j; q < end; ++q)
             if (sc[q] > heap.front().score) insert(sc[q], w * K + cc[q], first + q);
         }

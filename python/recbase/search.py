@@ -145,10 +145,12 @@ class _CallableProtocol:
 
 
 def _is_hf_model(model) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
+    import sys
+
+    if "transformers" not in sys.modules:  # an HF model implies transformers is imported
         return False
+    from transformers import PreTrainedModel
+
     return isinstance(model, PreTrainedModel)
 
 
@@ -229,14 +231,11 @@ def beam_search(model, trie: ConceptTrie, histories=None, num_beams: int = 20, k
     return items, scores
 
 
-try:  # subclass HF's base so ``LogitsProcessorList`` and type checks accept it
-    from transformers import LogitsProcessor as _LogitsProcessorBase
-except ImportError:  # pragma: no cover
-    _LogitsProcessorBase = object
-
-
-class ConceptTrieLogitsProcessor(_LogitsProcessorBase):
+class ConceptTrieLogitsProcessor:
     """HuggingFace ``LogitsProcessor`` restricting ``generate`` to catalog items.
+
+    Duck-typed (``LogitsProcessorList`` only calls it), so ``recbase.search`` does not import
+    transformers.
 
     Tracks each row's trie state from its generated suffix (tokens after ``prompt_length``)
     with one vectorised search per level (no Python loop over beams), keeps the scores of the
