@@ -315,3 +315,42 @@ def test_reference_attention_grouping_matches_single_group(monkeypatch):
     dsplit = ops._attention_reference_bwd(g, q, k, v, cu, item, "item", 0.3)
     for a, b in zip(whole + dwhole, split + dsplit):
         torch.testing.assert_close(a, b)
+
+
+def test_bf16_autocast_training_and_generation():
+    model = _model(seed=14).train()
+    gen = torch.Generator().manual_seed(15)
+    seqs = [_seq(model.config, 3, True, gen), _seq(model.config, 2, False, gen)]
+    ids, cu = _pack(seqs)
+    exact = model(ids, cu_seqlens=cu, return_loss=True).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, cu_seqlens=cu, return_loss=True)
+        out.loss.backward()
+        _, lp = model.start_generation(seqs)
+    assert abs(float(out.loss) - float(exact)) < 0.05 * float(exact)
+    assert torch.isfinite(model.lm_head.weight.grad).all()
+    assert lp.dtype == torch.float32 and torch.allclose(lp.exp().sum(-1), torch.ones(2), atol=1e-3)
+
+
+def test_liger_style_entry_points_match_reference():
+    pytest.importorskip("triton")
+    from recbase.kernels import concept_attention_triton, concept_embedding_triton, level_cross_entropy_triton
+    from recbase.ops.attention import concept_embedding_reference
+
+    gen = torch.Generator().manual_seed(16)
+    cu = torch.tensor([0, 1, 9], dtype=torch.int32)
+    item = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])
+    q, k, v = (torch.randn(9, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+    out = concept_attention_triton(q, k, v, cu, item, "item")
+    ref = concept_attention_reference(q, k, v, cu, item, "item")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    tw, lw = torch.randn(12, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    tok, lvl = torch.randint(0, 12, (9,), generator=gen), torch.randint(0, 3, (9,), generator=gen)
+    torch.testing.assert_close(concept_embedding_triton(tok, lvl, tw, lw), concept_embedding_reference(tok, lvl, tw, lw))
+    h, w = torch.randn(9, 16, generator=gen), torch.randn(2 * 6, 16, generator=gen)
+    nl, tg = torch.randint(0, 2, (9,), generator=gen), torch.randint(0, 6, (9,), generator=gen)
+    torch.testing.assert_close(level_cross_entropy_triton(h, w, nl, tg, 2),
+                               level_cross_entropy_reference(h, w, nl, tg, 2), atol=1e-5, rtol=1e-5)

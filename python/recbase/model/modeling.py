@@ -97,6 +97,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x [N, H, D] rotated by per-token angles (rotate-half convention)."""
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep q/k in the projection dtype (autocast)
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 

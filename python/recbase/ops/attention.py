@@ -83,6 +83,11 @@ def _use_triton(t: torch.Tensor, code: int) -> bool:
     )
 
 
+def _no_autocast(t: torch.Tensor):
+    """Reference implementations compute in their own dtypes; an outer autocast must not recast."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def validate_jagged(cu_seqlens: torch.Tensor, total_tokens: int, name: str = "cu_seqlens") -> None:
     """Check a jagged-batch offsets vector: 1-D integer, starts at 0, non-decreasing, ends at
     ``total_tokens``. Raises ValueError/TypeError naming the problem."""
@@ -237,7 +242,8 @@ def _concept_attention_op(
         from recbase.kernels.concept_attention import concept_attention_fwd
 
         return concept_attention_fwd(q, k, v, cu_seqlens, item_index, mask, scale)
-    return _attention_reference_fwd(q, k, v, cu_seqlens, item_index, mask, scale)
+    with _no_autocast(q):
+        return _attention_reference_fwd(q, k, v, cu_seqlens, item_index, mask, scale)
 
 
 @_concept_attention_op.register_fake
@@ -255,7 +261,8 @@ def _concept_attention_bwd_op(
         from recbase.kernels.concept_attention import concept_attention_bwd
 
         return concept_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, item_index, mask, scale)
-    return _attention_reference_bwd(dout, q, k, v, cu_seqlens, item_index, mask, scale)
+    with _no_autocast(q):
+        return _attention_reference_bwd(dout, q, k, v, cu_seqlens, item_index, mask, scale)
 
 
 @_concept_attention_bwd_op.register_fake
@@ -366,7 +373,8 @@ def _concept_embedding_op(
         from recbase.kernels.concept_embedding import concept_embedding_fwd
 
         return concept_embedding_fwd(token_ids, level_ids, item_ids, token_weight, level_weight, item_weight)
-    return concept_embedding_reference(token_ids, level_ids, token_weight, level_weight, item_ids, item_weight)
+    with _no_autocast(token_weight):
+        return concept_embedding_reference(token_ids, level_ids, token_weight, level_weight, item_ids, item_weight)
 
 
 @_concept_embedding_op.register_fake
@@ -460,7 +468,7 @@ def level_logits(hidden: torch.Tensor, weight: torch.Tensor, next_level: torch.T
     for lvl in range(levels):
         rows = (next_level == lvl).nonzero().squeeze(1)
         if rows.numel():
-            out[rows] = hidden[rows] @ w3[lvl].T
+            out[rows] = (hidden[rows] @ w3[lvl].T).to(out.dtype)
     return out
 
 
@@ -480,7 +488,8 @@ def _level_ce_op(hidden: torch.Tensor, weight: torch.Tensor, next_level: torch.T
 
         return level_cross_entropy_fwd(hidden, weight, next_level, target, levels)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = level_logits(hidden, weight, next_level, levels).to(acc)
+    with _no_autocast(hidden):
+        logits = level_logits(hidden, weight, next_level, levels).to(acc)
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
     loss = torch.where(target >= 0, lse - picked, torch.zeros_like(lse))
@@ -502,6 +511,11 @@ def _level_ce_bwd_op(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Te
         from recbase.kernels.level_cross_entropy import level_cross_entropy_bwd
 
         return level_cross_entropy_bwd(dloss, hidden, weight, next_level, target, lse, levels)
+    with _no_autocast(hidden):
+        return _level_ce_reference_bwd(dloss, hidden, weight, next_level, target, lse, levels)
+
+
+def _level_ce_reference_bwd(dloss, hidden, weight, next_level, target, lse, levels):
     acc = lse.dtype
     k = weight.shape[0] // levels
     logits = level_logits(hidden, weight, next_level, levels).to(acc)
