@@ -404,10 +404,11 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         return torch.log_softmax((h @ w.T).float(), dim=-1)
 
     @torch.no_grad()
-    def start_generation(self, histories: Sequence[torch.Tensor]):
+    def start_generation(self, histories: Sequence[torch.Tensor], truncate: bool = True):
         """Prefill each history once. histories: list of B 1-D LongTensors (item-aligned concept
         tokens, optionally BOS first; an empty history is read as [BOS]), or a padded [B, T] tensor
-        (PAD=0 entries dropped).
+        (PAD=0 entries dropped). With ``truncate`` a history longer than max_items - 1 items keeps
+        its most recent items (and its BOS), leaving room for one generated item; otherwise it raises.
         Returns (state, log_probs [B, K] float32 over level-0 codes of the next item)."""
         self._check_generation_ready()
         L = self.config.levels
@@ -429,6 +430,12 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
             if (hist.numel() - int(has_bos)) % L:
                 raise ValueError(f"history {i} must be item-aligned: {hist.numel() - int(has_bos)} concept "
                                  f"tokens is not a multiple of levels={L}")
+            keep_tokens = (self.config.max_items - 1) * L
+            if truncate and hist.numel() - int(has_bos) > keep_tokens:
+                tail = hist[hist.numel() - keep_tokens:] if keep_tokens else hist[:0]
+                hist = torch.cat([hist[:1], tail]) if has_bos else tail
+                if hist.numel() == 0:
+                    hist = torch.tensor([BOS_ID])
             seqs.append(hist.to(device=dev, dtype=torch.int64))
         lens = torch.tensor([s.numel() for s in seqs], device=dev)
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int64, device=dev)
