@@ -372,3 +372,24 @@ def test_liger_style_entry_points_match_reference():
     nl, tg = torch.randint(0, 2, (9,), generator=gen), torch.randint(0, 6, (9,), generator=gen)
     torch.testing.assert_close(level_cross_entropy_triton(h, w, nl, tg, 2),
                                level_cross_entropy_reference(h, w, nl, tg, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration of the three recbase ops."""
+    import recbase.ops.attention as ops
+
+    gen = torch.Generator().manual_seed(19)
+    cu = torch.tensor([0, 2, 7], dtype=torch.int32)
+    item = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    q = torch.randn(7, 4, 8, generator=gen, requires_grad=True)
+    k = torch.randn(7, 2, 8, generator=gen, requires_grad=True)
+    v = torch.randn(7, 2, 8, generator=gen, requires_grad=True)
+    torch.library.opcheck(ops._concept_attention_op, (q, k, v, cu, item, "item", 0.3, 1))
+    tw = torch.randn(10, 8, generator=gen, requires_grad=True)
+    lw = torch.randn(3, 8, generator=gen, requires_grad=True)
+    ids, lv = torch.randint(0, 10, (7,), generator=gen), torch.randint(0, 3, (7,), generator=gen)
+    torch.library.opcheck(ops._concept_embedding_op, (ids, lv, None, tw, lw, None, 1))
+    h = torch.randn(7, 8, generator=gen, requires_grad=True)
+    w = torch.randn(2 * 5, 8, generator=gen, requires_grad=True)
+    nl, tg = torch.randint(0, 2, (7,), generator=gen), torch.randint(0, 5, (7,), generator=gen)
+    torch.library.opcheck(ops._level_ce_op, (h, w, nl, tg, 2, 1))
