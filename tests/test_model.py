@@ -177,9 +177,11 @@ def test_kv_cache_generation_equals_full_recompute(kv_heads):
     seqs = [seqs[i] for i in index.tolist()]
     for step in range(2 * L):
         level = step % L
-        if step == 1:  # reorder beams by parent
-            perm = torch.tensor([1, 0, 3, 3, 5, 4])
+        if step == 1:  # reorder beams by parent; users end up with 3, 2 and 1 rows
+            perm = torch.tensor([1, 0, 0, 3, 3, 5])
+            prev = state
             state = model.select_generation(state, perm)
+            assert state.prefix_keys[0] is prev.prefix_keys[0]  # history cache shared, never copied
             seqs = [seqs[i] for i in perm.tolist()]
         codes = torch.randint(0, K, (len(seqs),), generator=gen)
         state, lp = model.step_generation(state, codes, level)
