@@ -395,3 +395,25 @@ def test_custom_ops_pass_opcheck():
     w = torch.randn(2 * 5, 8, generator=gen, requires_grad=True)
     nl, tg = torch.randint(0, 2, (7,), generator=gen), torch.randint(0, 5, (7,), generator=gen)
     torch.library.opcheck(ops._level_ce_op, (h, w, nl, tg, 2, 1))
+
+
+@pytest.mark.parametrize("mask", ["causal", "item"])
+def test_reference_einsum_fallback_equals_fused_cpu_path(mask, monkeypatch):
+    """The einsum reference (used off-CPU when Triton is missing) == the ATen fused CPU path."""
+    import recbase.ops.attention as ops
+
+    gen = torch.Generator().manual_seed(20)
+    lens = [3, 1, 11, 6]
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    n = int(cu[-1])
+    item = torch.cat([torch.arange(x) // 3 for x in lens])
+    q, g = (torch.randn(n, 4, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(n, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    fused = ops._attention_reference_fwd(q, k, v, cu, item, mask, 0.4)
+    dfused = ops._attention_reference_bwd(g, q, k, v, cu, item, mask, 0.4)
+    monkeypatch.setattr(ops, "_flash_cpu_ok", lambda t: False)
+    plain = ops._attention_reference_fwd(q, k, v, cu, item, mask, 0.4)
+    dplain = ops._attention_reference_bwd(g, q, k, v, cu, item, mask, 0.4)
+    for a, b in zip(fused + dfused, plain + dplain):
+        torch.testing.assert_close(a, b)

@@ -8,7 +8,8 @@ level-l token is of level (l+1) mod L, so the output head and the loss are restr
 K codes (logits [*, K]), never the whole vocabulary.
 
 Training runs on packed (jagged) batches: 1-D ``input_ids`` + ``cu_seqlens``; padded [B, T] inputs are
-packed first. Generation uses a per-row KV cache and the recbase generation protocol
+packed first. Generation uses a KV cache (history cached once per user and shared by its beams, generated
+tokens cached per row) and the recbase generation protocol
 (``start_generation`` / ``select_generation`` / ``step_generation``).
 
 >>> import torch
