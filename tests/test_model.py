@@ -177,9 +177,11 @@ def test_kv_cache_generation_equals_full_recompute(kv_heads):
     seqs = [seqs[i] for i in index.tolist()]
     for step in range(2 * L):
         level = step % L
-        if step == 1:  # reorder beams by parent
-            perm = torch.tensor([1, 0, 3, 3, 5, 4])
+        if step == 1:  # reorder beams by parent; users end up with 3, 2 and 1 rows
+            perm = torch.tensor([1, 0, 0, 3, 3, 5])
+            prev = state
             state = model.select_generation(state, perm)
+            assert state.prefix_keys[0] is prev.prefix_keys[0]  # history cache shared, never copied
             seqs = [seqs[i] for i in perm.tolist()]
         codes = torch.randint(0, K, (len(seqs),), generator=gen)
         state, lp = model.step_generation(state, codes, level)
@@ -199,6 +201,19 @@ def test_kv_cache_generation_equals_full_recompute(kv_heads):
         model.start_generation([torch.tensor([1, 4])])
 
 
+def test_generation_truncates_long_histories():
+    model = _model(seed=17, max_items=4)
+    L = model.config.levels
+    gen = torch.Generator().manual_seed(18)
+    long_hist = _seq(model.config, 6, True, gen)
+    _, lp = model.start_generation([long_hist])
+    kept = torch.cat([long_hist[:1], long_hist[-3 * L:]])  # BOS + the 3 most recent items
+    _, exp = model.start_generation([kept], truncate=False)
+    torch.testing.assert_close(lp, exp)
+    with pytest.raises(ValueError, match="max_items"):
+        model.start_generation([long_hist], truncate=False)
+
+
 def test_save_pretrained_round_trip(tmp_path):
     model = _model(seed=7, item_position_embedding=True)
     gen = torch.Generator().manual_seed(8)
@@ -210,6 +225,11 @@ def test_save_pretrained_round_trip(tmp_path):
     loaded = RecBaseForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.levels == model.config.levels and loaded.config.item_position_embedding
     after = loaded(ids, cu_seqlens=cu, return_loss=True, output_logits=True)
+    from transformers import AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(auto, RecBaseForCausalLM)
+    torch.testing.assert_close(auto.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
     torch.testing.assert_close(after.logits, before.logits, rtol=0, atol=0)
     torch.testing.assert_close(after.loss, before.loss, rtol=0, atol=0)
 
@@ -314,4 +334,86 @@ def test_reference_attention_grouping_matches_single_group(monkeypatch):
     split = ops._attention_reference_fwd(q, k, v, cu, item, "item", 0.3)
     dsplit = ops._attention_reference_bwd(g, q, k, v, cu, item, "item", 0.3)
     for a, b in zip(whole + dwhole, split + dsplit):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_autocast_training_and_generation():
+    model = _model(seed=14).train()
+    gen = torch.Generator().manual_seed(15)
+    seqs = [_seq(model.config, 3, True, gen), _seq(model.config, 2, False, gen)]
+    ids, cu = _pack(seqs)
+    exact = model(ids, cu_seqlens=cu, return_loss=True).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, cu_seqlens=cu, return_loss=True)
+        out.loss.backward()
+        _, lp = model.start_generation(seqs)
+    assert abs(float(out.loss.detach()) - float(exact.detach())) < 0.05 * float(exact.detach())
+    assert torch.isfinite(model.lm_head.weight.grad).all()
+    assert lp.dtype == torch.float32 and torch.allclose(lp.exp().sum(-1), torch.ones(2), atol=1e-3)
+
+
+def test_liger_style_entry_points_match_reference():
+    pytest.importorskip("triton")
+    from recbase.kernels import concept_attention_triton, concept_embedding_triton, level_cross_entropy_triton
+    from recbase.ops.attention import concept_embedding_reference
+
+    gen = torch.Generator().manual_seed(16)
+    cu = torch.tensor([0, 1, 9], dtype=torch.int32)
+    item = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])
+    q, k, v = (torch.randn(9, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+    out = concept_attention_triton(q, k, v, cu, item, "item")
+    ref = concept_attention_reference(q, k, v, cu, item, "item")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    tw, lw = torch.randn(12, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    tok, lvl = torch.randint(0, 12, (9,), generator=gen), torch.randint(0, 3, (9,), generator=gen)
+    torch.testing.assert_close(concept_embedding_triton(tok, lvl, tw, lw), concept_embedding_reference(tok, lvl, tw, lw))
+    h, w = torch.randn(9, 16, generator=gen), torch.randn(2 * 6, 16, generator=gen)
+    nl, tg = torch.randint(0, 2, (9,), generator=gen), torch.randint(0, 6, (9,), generator=gen)
+    torch.testing.assert_close(level_cross_entropy_triton(h, w, nl, tg, 2),
+                               level_cross_entropy_reference(h, w, nl, tg, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration of the three recbase ops."""
+    import recbase.ops.attention as ops
+
+    gen = torch.Generator().manual_seed(19)
+    cu = torch.tensor([0, 2, 7], dtype=torch.int32)
+    item = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    q = torch.randn(7, 4, 8, generator=gen, requires_grad=True)
+    k = torch.randn(7, 2, 8, generator=gen, requires_grad=True)
+    v = torch.randn(7, 2, 8, generator=gen, requires_grad=True)
+    torch.library.opcheck(ops._concept_attention_op, (q, k, v, cu, item, "item", 0.3, 1))
+    tw = torch.randn(10, 8, generator=gen, requires_grad=True)
+    lw = torch.randn(3, 8, generator=gen, requires_grad=True)
+    ids, lv = torch.randint(0, 10, (7,), generator=gen), torch.randint(0, 3, (7,), generator=gen)
+    torch.library.opcheck(ops._concept_embedding_op, (ids, lv, None, tw, lw, None, 1))
+    h = torch.randn(7, 8, generator=gen, requires_grad=True)
+    w = torch.randn(2 * 5, 8, generator=gen, requires_grad=True)
+    nl, tg = torch.randint(0, 2, (7,), generator=gen), torch.randint(0, 5, (7,), generator=gen)
+    torch.library.opcheck(ops._level_ce_op, (h, w, nl, tg, 2, 1))
+
+
+@pytest.mark.parametrize("mask", ["causal", "item"])
+def test_reference_einsum_fallback_equals_fused_cpu_path(mask, monkeypatch):
+    """The einsum reference (used off-CPU when Triton is missing) == the ATen fused CPU path."""
+    import recbase.ops.attention as ops
+
+    gen = torch.Generator().manual_seed(20)
+    lens = [3, 1, 11, 6]
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    n = int(cu[-1])
+    item = torch.cat([torch.arange(x) // 3 for x in lens])
+    q, g = (torch.randn(n, 4, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(n, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    fused = ops._attention_reference_fwd(q, k, v, cu, item, mask, 0.4)
+    dfused = ops._attention_reference_bwd(g, q, k, v, cu, item, mask, 0.4)
+    monkeypatch.setattr(ops, "_flash_cpu_ok", lambda t: False)
+    plain = ops._attention_reference_fwd(q, k, v, cu, item, mask, 0.4)
+    dplain = ops._attention_reference_bwd(g, q, k, v, cu, item, mask, 0.4)
+    for a, b in zip(fused + dfused, plain + dplain):
         torch.testing.assert_close(a, b)

@@ -8,7 +8,8 @@ level-l token is of level (l+1) mod L, so the output head and the loss are restr
 K codes (logits [*, K]), never the whole vocabulary.
 
 Training runs on packed (jagged) batches: 1-D ``input_ids`` + ``cu_seqlens``; padded [B, T] inputs are
-packed first. Generation uses a per-row KV cache and the recbase generation protocol
+packed first. Generation uses a KV cache (history cached once per user and shared by its beams, generated
+tokens cached per row) and the recbase generation protocol
 (``start_generation`` / ``select_generation`` / ``step_generation``).
 
 >>> import torch
@@ -59,18 +60,54 @@ class RecBaseOutput(ModelOutput):
 
 @dataclass
 class GenerationState:
-    """Per-row KV cache. keys/values[layer]: [R, capacity, Hkv, D]; lengths: tokens cached per row;
-    last_item: item slot of each row's last token; next_level: level of the next token (shared)."""
+    """KV cache of a generation: the history (prefix) is cached ONCE per user and shared by all of
+    that user's rows (beams); only the tokens generated since the prefill are cached per row.
 
-    keys: List[torch.Tensor]
-    values: List[torch.Tensor]
-    lengths: torch.Tensor
+    prefix_keys/values[layer]: [B, T, Hkv, D] (user b valid up to prefix_lengths[b]);
+    row_user: [R] user of each row; suffix_keys/values[layer]: [R, S, Hkv, D] (S tokens generated
+    so far, the same for every row); last_item: [R] item slot of each row's last token;
+    next_level: level of the next token (shared by all rows)."""
+
+    prefix_keys: List[torch.Tensor]
+    prefix_values: List[torch.Tensor]
+    prefix_lengths: torch.Tensor
+    row_user: torch.Tensor
+    suffix_keys: List[torch.Tensor]
+    suffix_values: List[torch.Tensor]
     last_item: torch.Tensor
     next_level: int
 
     @property
     def num_rows(self) -> int:
-        return int(self.lengths.shape[0])
+        return int(self.row_user.shape[0])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens cached per row (history + generated)."""
+        return self.prefix_lengths[self.row_user] + (self.suffix_keys[0].shape[1] if self.suffix_keys else 0)
+
+
+class _RowGroups:
+    """Rows grouped by user: row r is slot[r] of user row_user[r] in a padded [B, G, ...] layout, so
+    each user's cached prefix is read once for all of its rows (no per-beam copy of the history)."""
+
+    def __init__(self, row_user: torch.Tensor, num_users: int):
+        counts = torch.bincount(row_user, minlength=num_users)
+        order = torch.argsort(row_user, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        self.slot = torch.empty_like(row_user)
+        self.slot[order] = torch.arange(row_user.numel(), device=row_user.device) - starts[row_user[order]]
+        self.row_user = row_user
+        self.num_users = num_users
+        self.width = int(counts.max()) if row_user.numel() else 0
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros((self.num_users, self.width) + tuple(x.shape[1:]))
+        out[self.row_user, self.slot] = x
+        return out
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.row_user, self.slot]
 
 
 class RMSNorm(nn.Module):
@@ -97,6 +134,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x [N, H, D] rotated by per-token angles (rotate-half convention)."""
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep q/k in the projection dtype (autocast)
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
@@ -127,22 +165,26 @@ class RecBaseAttention(nn.Module):
                               check_inputs=False)
         return self.o_proj(o.reshape(h.shape[0], -1))
 
-    def decode(self, h, cos, sin, k_cache, v_cache, lengths):
-        """One new token per row attending to its cached prefix and itself. k_cache/v_cache
-        [R, cap, Hkv, D] are written in place at position lengths[r]."""
+    def decode(self, h, cos, sin, prefix_k, prefix_v, prefix_len, suffix_k, suffix_v, groups: "_RowGroups"):
+        """One new token per row attending to its user's cached prefix, its own generated suffix and
+        itself. Returns (output, new suffix keys, new suffix values)."""
         r = h.shape[0]
+        g = self.num_heads // self.num_kv_heads
         q, k, v = self.project(h, cos, sin)
-        rows = torch.arange(r, device=h.device)
-        k_cache[rows, lengths] = k.to(k_cache.dtype)
-        v_cache[rows, lengths] = v.to(v_cache.dtype)
-        groups = self.num_heads // self.num_kv_heads
-        kk = k_cache.repeat_interleave(groups, dim=2).float()
-        vv = v_cache.repeat_interleave(groups, dim=2).float()
-        scores = torch.einsum("rhd,rthd->rht", q.float(), kk) / math.sqrt(self.head_dim)
-        visible = torch.arange(k_cache.shape[1], device=h.device)[None, :] <= lengths[:, None]
-        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-        o = torch.einsum("rht,rthd->rhd", torch.softmax(scores, dim=-1), vv).to(h.dtype)
-        return self.o_proj(o.reshape(r, -1))
+        suffix_k = torch.cat([suffix_k, k[:, None].to(suffix_k.dtype)], 1)  # [R, S+1, Hkv, D]
+        suffix_v = torch.cat([suffix_v, v[:, None].to(suffix_v.dtype)], 1)
+        qg = q.float().view(r, self.num_kv_heads, g, self.head_dim) / math.sqrt(self.head_dim)
+        qp = groups.scatter(qg)  # [B, G, Hkv, g, D]
+        s_pre = groups.gather(torch.einsum("bjkgd,btkd->bjkgt", qp, prefix_k.float()))  # [R, Hkv, g, T]
+        t = prefix_k.shape[1]
+        hidden_pad = torch.arange(t, device=h.device)[None, :] >= prefix_len[groups.row_user][:, None]
+        s_pre = s_pre.masked_fill(hidden_pad[:, None, None, :], float("-inf"))
+        s_suf = torch.einsum("rkgd,rskd->rkgs", qg, suffix_k.float())
+        p = torch.softmax(torch.cat([s_pre, s_suf], -1), dim=-1)
+        p_pre, p_suf = p[..., :t], p[..., t:]
+        o = groups.gather(torch.einsum("bjkgt,btkd->bjkgd", groups.scatter(p_pre), prefix_v.float()))
+        o = o + torch.einsum("rkgs,rskd->rkgd", p_suf, suffix_v.float())
+        return self.o_proj(o.to(h.dtype).reshape(r, -1)), suffix_k, suffix_v
 
 
 class RecBaseMLP(nn.Module):
@@ -168,9 +210,10 @@ class RecBaseDecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens, item_index, mask, backend, cache_out)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def decode(self, h, cos, sin, k_cache, v_cache, lengths):
-        h = h + self.self_attn.decode(self.input_layernorm(h), cos, sin, k_cache, v_cache, lengths)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def decode(self, h, cos, sin, *cache):
+        a, sk, sv = self.self_attn.decode(self.input_layernorm(h), cos, sin, *cache)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), sk, sv
 
 
 class RecBasePreTrainedModel(PreTrainedModel):
@@ -403,10 +446,11 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         return torch.log_softmax((h @ w.T).float(), dim=-1)
 
     @torch.no_grad()
-    def start_generation(self, histories: Sequence[torch.Tensor]):
+    def start_generation(self, histories: Sequence[torch.Tensor], truncate: bool = True):
         """Prefill each history once. histories: list of B 1-D LongTensors (item-aligned concept
         tokens, optionally BOS first; an empty history is read as [BOS]), or a padded [B, T] tensor
-        (PAD=0 entries dropped).
+        (PAD=0 entries dropped). With ``truncate`` a history longer than max_items - 1 items keeps
+        its most recent items (and its BOS), leaving room for one generated item; otherwise it raises.
         Returns (state, log_probs [B, K] float32 over level-0 codes of the next item)."""
         self._check_generation_ready()
         L = self.config.levels
@@ -428,6 +472,12 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
             if (hist.numel() - int(has_bos)) % L:
                 raise ValueError(f"history {i} must be item-aligned: {hist.numel() - int(has_bos)} concept "
                                  f"tokens is not a multiple of levels={L}")
+            keep_tokens = (self.config.max_items - 1) * L
+            if truncate and hist.numel() - int(has_bos) > keep_tokens:
+                tail = hist[hist.numel() - keep_tokens:] if keep_tokens else hist[:0]
+                hist = torch.cat([hist[:1], tail]) if has_bos else tail
+                if hist.numel() == 0:
+                    hist = torch.tensor([BOS_ID])
             seqs.append(hist.to(device=dev, dtype=torch.int64))
         lens = torch.tensor([s.numel() for s in seqs], device=dev)
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int64, device=dev)
@@ -438,41 +488,45 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         h = self.model(ids, cu.to(torch.int32), item, level, self.backend, cache_out=layer_kv)
         last = cu[1:] - 1
         b = len(seqs)
-        cap = int(lens.max()) + L
+        t = int(lens.max())
         pos = torch.arange(ids.shape[0], device=dev) - cu[seq]
-        keys, values = [], []
+        keys, values, sk, sv = [], [], [], []
         for k, v in layer_kv:
-            kc = k.new_zeros((b, cap) + tuple(k.shape[1:]))
-            vc = v.new_zeros((b, cap) + tuple(v.shape[1:]))
+            kc = k.new_zeros((b, t) + tuple(k.shape[1:]))
+            vc = v.new_zeros((b, t) + tuple(v.shape[1:]))
             kc[seq, pos] = k
             vc[seq, pos] = v
             keys.append(kc)
             values.append(vc)
-        state = GenerationState(keys, values, lens.clone(), item[last].clone(), 0)
+            sk.append(k.new_zeros((b, 0) + tuple(k.shape[1:])))
+            sv.append(v.new_zeros((b, 0) + tuple(v.shape[1:])))
+        state = GenerationState(keys, values, lens.clone(), torch.arange(b, device=dev), sk, sv,
+                                item[last].clone(), 0)
         return state, self._log_probs(h[last], 0)
 
     def select_generation(self, state: GenerationState, index: torch.Tensor) -> GenerationState:
         """Keep/repeat rows of the state (expand users to beams, reorder beams by parent)."""
-        index = torch.as_tensor(index, device=state.lengths.device)
+        index = torch.as_tensor(index, device=state.row_user.device)
         if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"index must be a 1-D integer tensor, got {index.dtype} {tuple(index.shape)}")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= state.num_rows):
             raise ValueError(f"index values must lie in [0, {state.num_rows}), got "
                              f"[{int(index.min())}, {int(index.max())}]")
-        return GenerationState([k.index_select(0, index) for k in state.keys],
-                               [v.index_select(0, index) for v in state.values],
-                               state.lengths.index_select(0, index), state.last_item.index_select(0, index),
-                               state.next_level)
+        return GenerationState(state.prefix_keys, state.prefix_values, state.prefix_lengths,
+                               state.row_user.index_select(0, index),
+                               [k.index_select(0, index) for k in state.suffix_keys],
+                               [v.index_select(0, index) for v in state.suffix_values],
+                               state.last_item.index_select(0, index), state.next_level)
 
     @torch.no_grad()
     def step_generation(self, state: GenerationState, codes: torch.Tensor, level: int):
         """Append one level-`level` code per row; return (state, log_probs [R, K] over the codes of
-        level+1 (level 0 of the next item after the last level)). The input state is consumed."""
+        level+1 (level 0 of the next item after the last level)). The input state is not modified."""
         self._check_generation_ready()
         L, K = self.config.levels, self.config.codebook_size
         if level != state.next_level:
             raise ValueError(f"level must be {state.next_level} (the next level of this state), got {level}")
-        codes = torch.as_tensor(codes, device=state.lengths.device)
+        codes = torch.as_tensor(codes, device=state.row_user.device)
         if codes.shape != (state.num_rows,) or codes.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"codes must be an integer tensor of shape ({state.num_rows},), got "
                              f"{codes.dtype} {tuple(codes.shape)}")
@@ -481,20 +535,19 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         item = state.last_item + 1 if level == 0 else state.last_item
         if level == 0 and bool((item > self.config.max_items).any()):
             raise ValueError(f"generation would exceed max_items={self.config.max_items}")
-        lengths = state.lengths
-        cap = state.keys[0].shape[1] if state.keys else 0
-        keys, values = state.keys, state.values
-        if state.keys and int(lengths.max()) >= cap:  # grow the cache by one item's worth (and then some)
-            extra = max(L, cap // 2)
-            keys = [torch.cat([k, k.new_zeros((k.shape[0], extra) + tuple(k.shape[2:]))], 1) for k in keys]
-            values = [torch.cat([v, v.new_zeros((v.shape[0], extra) + tuple(v.shape[2:]))], 1) for v in values]
         ids = NUM_SPECIAL_TOKENS + level * K + codes.to(torch.int64)
         lvl = torch.full_like(ids, level)
         inner = self.model
         h = inner.embed(ids, lvl, item, self.backend)
         cos, sin = inner.rotary(item, h.dtype)
-        for layer, kc, vc in zip(inner.layers, keys, values):
-            h = layer.decode(h, cos, sin, kc, vc, lengths)
+        groups = _RowGroups(state.row_user, state.prefix_lengths.shape[0])
+        new_k, new_v = [], []
+        for i, layer in enumerate(inner.layers):
+            h, sk, sv = layer.decode(h, cos, sin, state.prefix_keys[i], state.prefix_values[i],
+                                     state.prefix_lengths, state.suffix_keys[i], state.suffix_values[i], groups)
+            new_k.append(sk)
+            new_v.append(sv)
         h = inner.norm(h)
-        new = GenerationState(keys, values, lengths + 1, item, (level + 1) % L)
+        new = GenerationState(state.prefix_keys, state.prefix_values, state.prefix_lengths, state.row_user,
+                              new_k, new_v, item, (level + 1) % L)
         return new, self._log_probs(h, (level + 1) % L)

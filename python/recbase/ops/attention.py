@@ -83,6 +83,11 @@ def _use_triton(t: torch.Tensor, code: int) -> bool:
     )
 
 
+def _no_autocast(t: torch.Tensor):
+    """Reference implementations compute in their own dtypes; an outer autocast must not recast."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def validate_jagged(cu_seqlens: torch.Tensor, total_tokens: int, name: str = "cu_seqlens") -> None:
     """Check a jagged-batch offsets vector: 1-D integer, starts at 0, non-decreasing, ends at
     ``total_tokens``. Raises ValueError/TypeError naming the problem."""
@@ -142,12 +147,50 @@ def _padded_scores(q, k, cu, item, mask, scale):
     return scores, qp, kp, pad, seq, pos, acc
 
 
+def _flash_cpu_ok(q: torch.Tensor) -> bool:
+    """ATen's fused CPU flash attention (with an additive mask; returns the logsumexp)."""
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _padded_group(q, k, v, cu, item, mask):
+    """[B,H,T,D] padded q/k/v (kv heads repeated for GQA), additive [B,1,T,T] mask (None for
+    "causal": top-left causal masking), layout. Padded keys are never visible to real queries
+    (causal: they come after them; item: their item slot is +huge); padded query rows are dropped."""
+    n, h, _ = q.shape
+    g = h // k.shape[1]
+    b = cu.numel() - 1
+    seq, pos, lens = _seq_layout(cu, n)
+    t = int(lens.max())
+
+    def pad(x, fill=0):
+        out = x.new_full((b, t) + tuple(x.shape[1:]), fill)
+        out[seq, pos] = x
+        return out
+
+    add = None
+    if mask == "item":
+        ip = pad(item.to(torch.int64), fill=torch.iinfo(torch.int64).max)
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        add = torch.where(ip[:, None, :] <= ip[:, :, None], zero, zero - float("inf"))[:, None]
+
+    def heads(x, rep):
+        x = pad(x)
+        return (x.repeat_interleave(rep, dim=2) if rep > 1 else x).transpose(1, 2).contiguous()
+
+    return heads(q, 1), heads(k, g), heads(v, g), add, pad, seq, pos
+
+
 def _attention_reference_fwd_group(q, k, v, cu, item, mask: str, scale: float):
-    """Padded-batch attention with an explicit boolean mask. Returns (out [N,H,D], lse [N,H])."""
+    """Padded-batch attention with an explicit mask. Returns (out [N,H,D], lse [N,H])."""
     n, h, _ = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if n == 0 or cu.numel() < 2:
         return q.new_zeros(q.shape), torch.zeros(n, h, dtype=acc, device=q.device)
+    if _flash_cpu_ok(q):
+        qp, kp, vp, add, _, seq, pos = _padded_group(q, k, v, cu, item, mask)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qp, kp, vp, 0.0, add is None, attn_mask=add, scale=scale)
+        return o.transpose(1, 2)[seq, pos].to(q.dtype), lse.transpose(1, 2)[seq, pos].to(acc)
     scores, _, _, pad, seq, pos, acc = _padded_scores(q, k, cu, item, mask, scale)
     vp = pad(v.to(acc)).repeat_interleave(h // k.shape[1], dim=2)
     lse = torch.logsumexp(scores, dim=-1)  # [B,H,T]
@@ -157,13 +200,25 @@ def _attention_reference_fwd_group(q, k, v, cu, item, mask: str, scale: float):
 
 
 def _attention_reference_bwd_group(dout, q, k, v, cu, item, mask: str, scale: float):
-    """Analytic backward of the padded reference (dS = P * (dP - rowsum(dO * O)))."""
+    """Backward of the padded reference (dS = P * (dP - rowsum(dO * O)))."""
     n, h, d = q.shape
     hkv = k.shape[1]
+    g = h // hkv
     if n == 0 or cu.numel() < 2:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if _flash_cpu_ok(q):
+        qp, kp, vp, add, pad, seq, pos = _padded_group(q, k, v, cu, item, mask)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qp, kp, vp, 0.0, add is None, attn_mask=add, scale=scale)
+        dop = pad(dout.to(q.dtype)).transpose(1, 2).contiguous()
+        dqp, dkp, dvp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dop, qp, kp, vp, o, lse, 0.0, add is None, attn_mask=add, scale=scale)
+        dq = dqp.transpose(1, 2)[seq, pos]
+        dk = dkp.transpose(1, 2)[seq, pos].reshape(n, hkv, g, d).sum(2)
+        dv = dvp.transpose(1, 2)[seq, pos].reshape(n, hkv, g, d).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     scores, qp, kp, pad, seq, pos, acc = _padded_scores(q, k, cu, item, mask, scale)
-    vp = pad(v.to(acc)).repeat_interleave(h // hkv, dim=2)
+    vp = pad(v.to(acc)).repeat_interleave(g, dim=2)
     dop = pad(dout.to(acc))
     p = torch.softmax(scores, dim=-1)  # [B,H,Tq,Tk]
     dvp = torch.einsum("bhqk,bqhd->bkhd", p, dop)
@@ -171,7 +226,6 @@ def _attention_reference_bwd_group(dout, q, k, v, cu, item, mask: str, scale: fl
     ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
     dqp = torch.einsum("bhqk,bkhd->bqhd", ds, kp)
     dkp = torch.einsum("bhqk,bqhd->bkhd", ds, qp)
-    g = h // hkv
     dq = dqp[seq, pos]
     dk = dkp[seq, pos].view(n, hkv, g, d).sum(2)
     dv = dvp[seq, pos].view(n, hkv, g, d).sum(2)
@@ -237,7 +291,8 @@ def _concept_attention_op(
         from recbase.kernels.concept_attention import concept_attention_fwd
 
         return concept_attention_fwd(q, k, v, cu_seqlens, item_index, mask, scale)
-    return _attention_reference_fwd(q, k, v, cu_seqlens, item_index, mask, scale)
+    with _no_autocast(q):
+        return _attention_reference_fwd(q, k, v, cu_seqlens, item_index, mask, scale)
 
 
 @_concept_attention_op.register_fake
@@ -255,7 +310,8 @@ def _concept_attention_bwd_op(
         from recbase.kernels.concept_attention import concept_attention_bwd
 
         return concept_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, item_index, mask, scale)
-    return _attention_reference_bwd(dout, q, k, v, cu_seqlens, item_index, mask, scale)
+    with _no_autocast(q):
+        return _attention_reference_bwd(dout, q, k, v, cu_seqlens, item_index, mask, scale)
 
 
 @_concept_attention_bwd_op.register_fake
@@ -366,7 +422,8 @@ def _concept_embedding_op(
         from recbase.kernels.concept_embedding import concept_embedding_fwd
 
         return concept_embedding_fwd(token_ids, level_ids, item_ids, token_weight, level_weight, item_weight)
-    return concept_embedding_reference(token_ids, level_ids, token_weight, level_weight, item_ids, item_weight)
+    with _no_autocast(token_weight):
+        return concept_embedding_reference(token_ids, level_ids, token_weight, level_weight, item_ids, item_weight)
 
 
 @_concept_embedding_op.register_fake
@@ -460,7 +517,7 @@ def level_logits(hidden: torch.Tensor, weight: torch.Tensor, next_level: torch.T
     for lvl in range(levels):
         rows = (next_level == lvl).nonzero().squeeze(1)
         if rows.numel():
-            out[rows] = hidden[rows] @ w3[lvl].T
+            out[rows] = (hidden[rows] @ w3[lvl].T).to(out.dtype)
     return out
 
 
@@ -480,7 +537,8 @@ def _level_ce_op(hidden: torch.Tensor, weight: torch.Tensor, next_level: torch.T
 
         return level_cross_entropy_fwd(hidden, weight, next_level, target, levels)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = level_logits(hidden, weight, next_level, levels).to(acc)
+    with _no_autocast(hidden):
+        logits = level_logits(hidden, weight, next_level, levels).to(acc)
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
     loss = torch.where(target >= 0, lse - picked, torch.zeros_like(lse))
@@ -502,6 +560,11 @@ def _level_ce_bwd_op(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Te
         from recbase.kernels.level_cross_entropy import level_cross_entropy_bwd
 
         return level_cross_entropy_bwd(dloss, hidden, weight, next_level, target, lse, levels)
+    with _no_autocast(hidden):
+        return _level_ce_reference_bwd(dloss, hidden, weight, next_level, target, lse, levels)
+
+
+def _level_ce_reference_bwd(dloss, hidden, weight, next_level, target, lse, levels):
     acc = lse.dtype
     k = weight.shape[0] // levels
     logits = level_logits(hidden, weight, next_level, levels).to(acc)
