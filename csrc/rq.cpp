@@ -1,7 +1,9 @@
 // Residual quantization engine (CPU): see rq.h for the math.
 #include "rq.h"
 
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
