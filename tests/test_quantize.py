@@ -38,6 +38,17 @@ def test_fit_is_kmeans_on_residuals(fitted):
         r = r - cent[c]
 
 
+def test_max_train_points_fits_on_a_seeded_subsample(fitted):
+    x, _ = fitted
+    sub = ResidualQuantizer(2, 32, niter=4, seed=2, progress=False, max_train_points=500).fit(x)
+    rows = np.sort(np.random.default_rng(2).choice(len(x), 500, replace=False))
+    ref = ResidualQuantizer(2, 32, niter=4, seed=2, progress=False).fit(x[rows])
+    np.testing.assert_array_equal(sub.codebooks, ref.codebooks)
+    assert sub.encode(x).shape == (len(x), 2)
+    with pytest.raises(ValueError, match="max_train_points: expected >= codebook_size"):
+        ResidualQuantizer(2, 32, progress=False, max_train_points=10).fit(x)
+
+
 def test_encode_decode_and_error_per_level(fitted):
     x, rq = fitted
     codes = rq.encode(x)

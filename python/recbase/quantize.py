@@ -59,6 +59,8 @@ class ResidualQuantizer:
         beam_size: encoding beam (1 = greedy, the fast path; > 1 lowers the error slightly).
         threads: CPU threads (0 = all).
         progress: show a tqdm bar over levels while fitting.
+        max_train_points: fit on at most this many rows, a seeded random subsample (None = all
+            rows; e.g. 256 * codebook_size, as FAISS does, bounds the cost on huge catalogs).
         vae_config: extra :class:`recbase.rqvae.RQVAEConfig` fields for ``method="vae"``.
 
     Inputs may be numpy arrays or torch tensors (CPU or CUDA); outputs are of the same kind
@@ -78,6 +80,7 @@ class ResidualQuantizer:
         threads: int = 0,
         progress: bool = True,
         vae_config: dict | None = None,
+        max_train_points: int | None = None,
     ):
         self.levels = _ops._check_int(levels, "levels", 1)
         self.codebook_size = _ops._check_int(codebook_size, "codebook_size", 1)
@@ -90,6 +93,8 @@ class ResidualQuantizer:
         self.threads = _ops._check_int(threads, "threads", 0)
         self.progress = bool(progress)
         self.vae_config = dict(vae_config or {})
+        self.max_train_points = (None if max_train_points is None
+                                 else _ops._check_int(max_train_points, "max_train_points", 1))
         self._codebooks: np.ndarray | None = None
         self._vae = None
         self.objective_: list[np.ndarray] = []
@@ -137,6 +142,12 @@ class ResidualQuantizer:
             )
         if not np.isfinite(xn).all():
             raise ValueError("x: contains NaN or Inf values")
+        m = self.max_train_points
+        if m is not None and m < xn.shape[0]:
+            if m < K:
+                raise ValueError(f"max_train_points: expected >= codebook_size={K}, got {m}")
+            rows = np.sort(np.random.default_rng(self.seed).choice(xn.shape[0], m, replace=False))
+            xn = xn[rows]
         from tqdm.auto import tqdm
 
         residual = xn.copy()
@@ -222,7 +233,7 @@ class ResidualQuantizer:
             "format": _FORMAT, "version": _FORMAT_VERSION, "levels": self.levels,
             "codebook_size": self.codebook_size, "method": self.method, "seed": self.seed,
             "niter": self.niter, "beam_size": self.beam_size, "threads": self.threads,
-            "vae_config": self.vae_config,
+            "vae_config": self.vae_config, "max_train_points": self.max_train_points,
         }
 
     def save(self, path) -> None:
@@ -282,7 +293,7 @@ class ResidualQuantizer:
             raise ValueError(f"path: codebooks in {path} contain NaN or Inf values")
         rq = cls(L, K, method=cfg["method"], seed=cfg["seed"], niter=cfg["niter"],
                  beam_size=cfg["beam_size"], threads=cfg["threads"], progress=False,
-                 vae_config=cfg.get("vae_config"))
+                 vae_config=cfg.get("vae_config"), max_train_points=cfg.get("max_train_points"))
         rq._codebooks = np.ascontiguousarray(cb)
         if rq.method == "vae":
             from recbase.rqvae import CurriculumRQVAE
