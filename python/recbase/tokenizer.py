@@ -174,8 +174,7 @@ class ItemTokenizer:
                 f"embeddings: fewer items ({x.shape[0]}) than codewords per level "
                 f"(codebook_size={self.codebook_size})"
             )
-        self.quantizer.fit(x, progress=progress) if _accepts_progress(self.quantizer.fit) \
-            else self.quantizer.fit(x)
+        self.quantizer.fit(x, progress=progress)
         self.codes = None  # fitted catalog is assigned against an empty registry
         semantic = np.asarray(self.quantizer.encode(x), dtype=np.int64)
         self.codes = self._make_unique(x, semantic)
@@ -381,11 +380,3 @@ class ItemTokenizer:
         tok._report = meta.get("report")
         return tok
 
-
-def _accepts_progress(fn) -> bool:
-    import inspect
-
-    try:
-        return "progress" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
