@@ -43,6 +43,7 @@ class DemoConfig:
     hidden_size: int = 128
     num_layers: int = 2
     max_items: int = 20
+    train_items_per_user: int | None = 60  # most recent training items per user used to pretrain
     epochs: int = 6
     tokens_per_batch: int = 8192
     lr: float = 2e-3
@@ -128,8 +129,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 4. pretrain on movies only -----------------------------------------------------------------
     vocab = tok.vocab
+    recent = [s[-cfg.train_items_per_user:] if cfg.train_items_per_user else s
+              for s in ml_split.train_sequences]
     train_seqs = [_tokens(w, item_tokens["movies"], vocab.BOS)
-                  for s in ml_split.train_sequences for w in _windows(s, cfg.max_items)]
+                  for s in recent for w in _windows(s, cfg.max_items)]
     valid_seqs = [_tokens(np.r_[h[-(cfg.max_items - 1):], t], item_tokens["movies"], vocab.BOS)
                   for h, t in zip(ml_split.valid_histories, ml_split.valid_targets) if len(h)]
     model_cfg = RecBaseConfig.from_preset(
@@ -189,7 +192,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     # 5c. CTR protocol (AUC): history = sequence minus its last up-to-10 items, which are the positives
     ctr = {}
     for domain, split, users, scorers in (
-            ("movies", ml_split, ml_users, {"popularity": pop, "text-kNN": knn, "recbase": None}),
+            ("movies", ml_split, ml_users, {"popularity": pop, "text-kNN": knn, "SASRec (in-domain)": sas,
+                                            "recbase": None}),
             ("books", bx_split, bx_users, {"popularity": bpop, "text-kNN": bknn, "recbase": None})):
         seqs = [split.sequences[u] for u in users]
         n_pos = [min(10, len(s) // 2) for s in seqs]

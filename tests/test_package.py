@@ -1,0 +1,40 @@
+"""The installed package: info(), the CLI, lazy public names, the kernels shipped inside."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import recbase
+
+
+def test_info_reports_capabilities():
+    info = recbase.info()
+    assert info["version"] == recbase.__version__
+    for key in ("cuda_compiled", "cuda_available", "triton", "threads", "openmp", "torch"):
+        assert key in info
+    assert isinstance(info["threads"], int) and info["threads"] >= 1
+
+
+def test_cli_info_prints_json():
+    out = subprocess.run([sys.executable, "-m", "recbase.cli", "info"], capture_output=True, text=True,
+                         check=True)
+    assert json.loads(out.stdout)["version"] == recbase.__version__
+
+
+def test_cli_bad_arguments_fail_cleanly():
+    out = subprocess.run([sys.executable, "-m", "recbase.cli", "recommend", "--items", "nope.csv",
+                          "--tokenizer", "nope", "--model", "nope", "--history", "a"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+
+
+def test_public_names_and_kernels_are_importable():
+    for name in ("ResidualQuantizer", "ItemTokenizer", "ConceptTrie", "beam_search",
+                 "RecBaseConfig", "RecBaseForCausalLM", "Recommender"):
+        assert getattr(recbase, name) is not None
+    import recbase.kernels  # shipped inside the package, importable without a GPU
+    assert recbase.kernels.__name__ == "recbase.kernels"
+    with pytest.raises(AttributeError):
+        recbase.not_a_name
