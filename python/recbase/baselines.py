@@ -204,6 +204,10 @@ class SASRec(BaseRecommender):
     into windows of ``max_len + 1`` items overlapping by one, so every transition of every
     user is a training target exactly once per epoch. Early stopping: validation NDCG@10
     (full catalog, history excluded) every epoch, ``patience`` epochs, best weights kept.
+
+    Cost: the full softmax dominates (~1.4 TFLOP per ML-1M epoch at hidden 64). On a
+    machine shared with other jobs set ``OMP_NUM_THREADS=1`` (or ``torch.set_num_threads``):
+    spinning OpenMP workers make two threads several times slower than one there.
     """
 
     def __init__(self, *, hidden: int = 64, blocks: int = 2, heads: int = 2, max_len: int = 50,
