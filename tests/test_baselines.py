@@ -89,12 +89,22 @@ def _pattern(seed, n_items=40, users=300):
     return [(rng.integers(n_items) + 3 * np.arange(rng.integers(6, 16))) % n_items for _ in range(users)]
 
 
-def test_sasrec_learns_sequential_pattern():
-    seqs = _pattern(0, users=200)
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a loaded machine."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sasrec_learns_sequential_pattern(one_thread):
+    seqs = _pattern(0, users=150)
     n = 40
     train, vh, vt = [s[:-2] for s in seqs], [s[:-2] for s in seqs], np.array([s[-2] for s in seqs])
     th, tt = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
-    m = SASRec(hidden=32, max_len=16, max_epochs=15, patience=2, seed=0)
+    m = SASRec(hidden=32, max_len=12, batch_size=64, max_epochs=12, patience=2, seed=0)
     m.fit(train, n, valid_histories=vh, valid_targets=vt)
     sas = evaluate_rankings(m.recommend(th, 10), tt, ks=(10,))["ndcg@10"]
     pop = evaluate_rankings(Popularity().fit(train, n).recommend(th, 10), tt, ks=(10,))["ndcg@10"]
@@ -105,8 +115,8 @@ def test_sasrec_learns_sequential_pattern():
     part = m.score(th[:2], [np.array([5, 7]), np.array([1])])
     np.testing.assert_allclose(part[0], full[0, [5, 7]], rtol=1e-5)
     # same seed -> same model
-    m2 = SASRec(hidden=32, max_len=16, max_epochs=2, seed=0).fit(train, n)
-    m3 = SASRec(hidden=32, max_len=16, max_epochs=2, seed=0).fit(train, n)
+    m2 = SASRec(hidden=32, max_len=12, max_epochs=1, seed=0).fit(train, n)
+    m3 = SASRec(hidden=32, max_len=12, max_epochs=1, seed=0).fit(train, n)
     np.testing.assert_array_equal(m2.scores(th[:5]), m3.scores(th[:5]))
 
 

@@ -236,3 +236,17 @@ def test_docstring_examples(module):
     import importlib
     res = doctest.testmod(importlib.import_module(module))
     assert res.failed == 0 and res.attempted > 0
+
+
+def test_from_frames_datetime_timestamps_keep_order():
+    items = pd.DataFrame({"item_id": ["a", "b", "c"]})
+    inter = pd.DataFrame({"user_id": ["u", "u", "u"], "item_id": ["a", "b", "c"],
+                          "when": pd.to_datetime(["2020-01-03", "2020-01-01", "2020-01-02"])})
+    ds = rd.from_frames(items, inter, "movies", timestamp="when")
+    ts = ds.interactions["timestamp"].to_numpy()
+    assert ts.dtype == np.int64 and np.argsort(ts).tolist() == [1, 2, 0]
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['time'\]"):
+        rd.from_frames(items, inter, "movies", timestamp="time")
+    bad = inter.assign(when=[1.0, None, 2.0])
+    with pytest.raises(ValueError, match="null/non-numeric"):
+        rd.from_frames(items, bad, "movies", timestamp="when")

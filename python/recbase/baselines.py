@@ -204,6 +204,10 @@ class SASRec(BaseRecommender):
     into windows of ``max_len + 1`` items overlapping by one, so every transition of every
     user is a training target exactly once per epoch. Early stopping: validation NDCG@10
     (full catalog, history excluded) every epoch, ``patience`` epochs, best weights kept.
+
+    Cost: the full softmax dominates (~1.4 TFLOP per ML-1M epoch at hidden 64). On a
+    machine shared with other jobs set ``OMP_NUM_THREADS=1`` (or ``torch.set_num_threads``):
+    spinning OpenMP workers make two threads several times slower than one there.
     """
 
     def __init__(self, *, hidden: int = 64, blocks: int = 2, heads: int = 2, max_len: int = 50,
@@ -435,6 +439,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-seconds", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--ctr", action="store_true",
+                    help="also run the CTR/AUC protocol (pop, textknn): per user the last <=10 "
+                         "items are positives, 10 random unseen items negatives, seed 0")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -450,6 +457,8 @@ def main(argv=None) -> dict:
         elif name == "textknn":
             emb, st = item_text_embeddings(ds)
             results["encoder"] = st
+            print("encoder:", {k: round(v, 2) if isinstance(v, float) else v for k, v in st.items()},
+                  flush=True)
             model = TextKNN(emb)
             tuned = model.tune(split.valid_histories, split.valid_targets)
             print("textknn tuned on validation:", tuned, flush=True)
@@ -475,7 +484,42 @@ def main(argv=None) -> dict:
         results[name] = res
         print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}),
               flush=True)
+    if args.ctr:
+        results["ctr"] = ctr_protocol(ds, split, [m for m in args.models.split(",") if m != "sasrec"])
     return results
+
+
+def ctr_protocol(ds, split, models, *, max_positives: int = 10, num_negatives: int = 10,
+                 seed: int = 0) -> dict:
+    """RecBase-style AUC: per evaluated user, the last ``max_positives`` items (at least one
+    history item kept) are positives, ``num_negatives`` uniformly drawn items the user never
+    interacted with are negatives; models see only the histories (popularity is counted on
+    the histories + short users' sequences, so no positive leaks into it)."""
+    import json
+    from .data.splits import holdout_last
+    from .evaluate import build_ctr_pairs, evaluate_ctr
+    hist, pos, kept = holdout_last(split.sequences, max_positives, min_history=1)
+    pairs = build_ctr_pairs(pos, split.num_items, num_negatives=num_negatives,
+                            exclude=[split.sequences[u] for u in kept], seed=seed)
+    cands = pairs.candidates(len(hist))
+    out = {}
+    for name in models:
+        name = name.strip()
+        if name == "pop":
+            model = Popularity().fit(hist + list(split.short_sequences), split.num_items)
+        elif name == "textknn":
+            model = TextKNN(item_text_embeddings(ds, progress=False)[0])
+            model.tune(split.valid_histories, split.valid_targets)
+        else:
+            continue
+        sc = model.score(hist, cands)
+        flat = np.empty(len(pairs), dtype=np.float64)
+        # candidates() keeps pair order within a user: scatter back to pair positions
+        order = np.argsort(pairs.user, kind="stable")
+        flat[order] = np.concatenate(sc)
+        out[name] = evaluate_ctr(flat, pairs)
+        print("ctr", name, json.dumps(out[name]), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -373,6 +373,10 @@ def load(name: str, cache_dir: str | os.PathLike | None = None, *,
     HTML entities in text are unescaped.
 
     Items without any interaction are dropped, so ``items`` is the rankable catalog.
+
+    Sizes after loading: ml-1m 6,040 users / 3,706 items / 1,000,209 interactions;
+    ml-100k 943 / 1,682 / 100,000; book-crossing 92,107 / 269,862 / 1,031,178 (of which
+    explicit ratings >= 1: ~384k; ``to_implicit(1).kcore(5, 5)``: 6,858 / 9,092 / 115,332).
     """
     if not isinstance(name, str) or name.lower() not in DATASETS:
         raise ValueError(f"load: unknown dataset name {name!r}; expected one of {sorted(DATASETS)}")
