@@ -25,7 +25,7 @@ _EXPORTS = {
     "RecBaseForCausalLM": "recbase.model",
     "Recommender": "recbase.recommend",
 }
-_SUBMODULES = {"ops", "datasets", "data", "evaluate", "train", "model", "kernels"}
+_SUBMODULES = {"ops", "datasets", "data", "evaluate", "baselines", "train", "model", "kernels"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
