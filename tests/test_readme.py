@@ -2,12 +2,9 @@
 import pathlib
 import re
 
-import pytest
-
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.mark.skipif(not README.exists(), reason="README.md is not beside the tests")
 def test_readme_example_runs(capsys):
     block = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
     exec(compile(block, "README.md", "exec"), {})
