@@ -139,3 +139,14 @@ def test_two_process_ddp_step_equals_one_process_step(tmp_path):
     # gradient would move parameters by ~lr = 1e-2
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-4)
+
+
+def test_item_windows_cover_every_transition_once():
+    from recbase.train import item_windows
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 5, 20, 21, 57):
+        seq = rng.permutation(100)[:n]
+        wins = item_windows(seq, 8)
+        assert all(2 <= len(w) <= 8 for w in wins)
+        pairs = [(int(w[i]), int(w[i + 1])) for w in wins for i in range(len(w) - 1)]
+        assert sorted(pairs) == sorted((int(a), int(b)) for a, b in zip(seq[:-1], seq[1:]))

@@ -82,22 +82,15 @@ def _catalog(tok_dir: Path):
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from recbase import datasets
     from recbase.data.splits import leave_one_out
-    from recbase.demo import _tokens, _windows
     from recbase.model import RecBaseConfig, RecBaseForCausalLM
-    from recbase.train import Trainer, TrainConfig
+    from recbase.train import Trainer, TrainConfig, pretraining_sequences
 
     tok, index = _catalog(Path(args.tokenizer))
     data = datasets.from_files(args.items, args.interactions, domain=args.domain)
     split = leave_one_out(data, index)
-    item_tokens = tok.tokens(tok.codes)
-    train = [_tokens(w, item_tokens, tok.vocab.BOS) for s in split.train_sequences
-             for w in _windows(s, args.max_items)]
-    valid = [_tokens(np.r_[h[-(args.max_items - 1):], t], item_tokens, tok.vocab.BOS)
-             for h, t in zip(split.valid_histories, split.valid_targets) if len(h)]
+    train, valid = pretraining_sequences(split, tok.tokens(tok.codes), tok.vocab.BOS, args.max_items)
     cfg = RecBaseConfig.from_preset(args.preset, levels=tok.id_length, codebook_size=tok.codebook_size,
                                     max_items=args.max_items)
     model = RecBaseForCausalLM(cfg)

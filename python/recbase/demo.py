@@ -64,25 +64,10 @@ def _sample_users(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def _windows(seq: np.ndarray, size: int) -> list[np.ndarray]:
-    """Cut a sequence from its end into windows of ``size`` items overlapping by one item, so
-    every transition is a training target exactly once per epoch."""
-    out, end = [], len(seq)
-    while end > 1:
-        start = max(0, end - size)
-        out.append(seq[start:end])
-        end = start + 1
-    return out[::-1]
-
-
 def _centre(emb: np.ndarray) -> np.ndarray:
     """Subtract the domain's mean embedding and re-normalise (cosine geometry kept)."""
     x = emb - emb.mean(0, keepdims=True)
     return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
-
-
-def _tokens(items: np.ndarray, item_tokens: np.ndarray, bos: int) -> np.ndarray:
-    return np.concatenate([[bos], item_tokens[items].reshape(-1)])
 
 
 class _Timer:
@@ -106,7 +91,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from recbase.model import RecBaseConfig, RecBaseForCausalLM
     from recbase.recommend import Recommender
     from recbase.tokenizer import ItemTokenizer
-    from recbase.train import Trainer, TrainConfig
+    from recbase.train import Trainer, TrainConfig, pretraining_sequences
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,14 +124,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 4. pretrain on movies only -----------------------------------------------------------------
     vocab = tok.vocab
-    recent = [s[-cfg.train_items_per_user:] if cfg.train_items_per_user else s
-              for s in ml_split.train_sequences]
-    train_seqs = [_tokens(w, item_tokens["movies"], vocab.BOS)
-                  for s in recent for w in _windows(s, cfg.max_items)]
     valid_users = _sample_users(ml_split.num_users, cfg.valid_users, cfg.seed + 1)
-    valid_seqs = [_tokens(np.r_[ml_split.valid_histories[u][-(cfg.max_items - 1):], ml_split.valid_targets[u]],
-                          item_tokens["movies"], vocab.BOS)
-                  for u in valid_users if len(ml_split.valid_histories[u])]
+    train_seqs, valid_seqs = pretraining_sequences(ml_split, item_tokens["movies"], vocab.BOS,
+                                                   cfg.max_items, cfg.train_items_per_user, valid_users)
     model_cfg = RecBaseConfig.from_preset(
         cfg.preset, levels=tok.id_length, codebook_size=cfg.codebook_size, max_items=cfg.max_items,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 3,

@@ -91,6 +91,36 @@ def collate(seqs: Sequence[torch.Tensor], target_items_only: int = 0):
     return ids, cu, labels
 
 
+def item_windows(seq: np.ndarray, size: int) -> list[np.ndarray]:
+    """Cut an item sequence from its end into windows of ``size`` items overlapping by one
+    item, so every transition is a training target exactly once per epoch."""
+    out, end = [], len(seq)
+    while end > 1:
+        start = max(0, end - size)
+        out.append(seq[start:end])
+        end = start + 1
+    return out[::-1]
+
+
+def pretraining_sequences(split, item_tokens: np.ndarray, bos: int, max_items: int,
+                          recent: int | None = None, valid_users=None):
+    """Token sequences (BOS + concept tokens of the items) from a leave-one-out split.
+
+    train: the ``recent`` last training items of every user (all if None) cut into windows of
+    ``max_items``; valid: for each of ``valid_users`` (all if None), the last ``max_items - 1``
+    history items followed by the validation item, which the validation loss scores.
+    """
+    def tokens(items):
+        return np.concatenate([[bos], item_tokens[np.asarray(items, dtype=np.int64)].reshape(-1)])
+
+    train = [tokens(w) for s in split.train_sequences
+             for w in item_windows(s[-recent:] if recent else s, max_items)]
+    users = range(split.num_users) if valid_users is None else valid_users
+    valid = [tokens(np.r_[split.valid_histories[u][-(max_items - 1):], split.valid_targets[u]])
+             for u in users if len(split.valid_histories[u])]
+    return train, valid
+
+
 def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
