@@ -16,7 +16,7 @@ struct Candidate {
   int64_t key;   // w * K + code: the deterministic tie-break (smaller first)
   int64_t node;  // child node id
 };
-// a is better than b. As a std heap comparator it keeps the WORST kept candidate on top.
+// a is better than b: higher score, then smaller key (the deterministic order of results).
 inline bool better(const Candidate& a, const Candidate& b) {
   return a.score > b.score || (a.score == b.score && a.key < b.key);
 }
@@ -33,24 +33,32 @@ int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scor
   // Threads only pay off (and only behave on a busy machine) when there is real work.
 #pragma omp parallel reduction(+ : bad_codes) if (work_estimate > 65536 && B > 1)
   {
-    std::vector<Candidate> heap;
-    heap.reserve(num_beams);
+    // Kept candidates in an unsorted pool; when it overflows, nth_element trims it to the best
+    // `num_beams` and their worst becomes the entry threshold. Candidates arrive mostly below the
+    // threshold, so the common path is one vectorised compare per 8 scores and no heap update.
+    const size_t cap = static_cast<size_t>(2 * num_beams + 16);
+    std::vector<Candidate> pool;
+    pool.reserve(cap);
+    bool have_threshold = false;
+    Candidate threshold{neg_inf, 0, 0};
     std::vector<float> buf;
+    auto trim = [&]() {
+      std::nth_element(pool.begin(), pool.begin() + (num_beams - 1), pool.end(), better);
+      pool.resize(num_beams);
+      threshold = pool[num_beams - 1];
+      have_threshold = true;
+    };
     auto insert = [&](float sc, int64_t key, int64_t node) {
       if (std::isnan(sc)) sc = neg_inf;
-      // Candidates arrive in increasing key order, so an equal score never displaces.
-      if (static_cast<int64_t>(heap.size()) == num_beams) {
-        if (!(sc > heap.front().score)) return;
-        std::pop_heap(heap.begin(), heap.end(), better);
-        heap.back() = Candidate{sc, key, node};
-      } else {
-        heap.push_back(Candidate{sc, key, node});
-      }
-      std::push_heap(heap.begin(), heap.end(), better);
+      const Candidate c{sc, key, node};
+      if (have_threshold && !better(c, threshold)) return;  // full order: ties go by key
+      pool.push_back(c);
+      if (pool.size() >= cap) trim();
     };
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
-      heap.clear();
+      pool.clear();
+      have_threshold = false;
       for (int64_t w = 0; w < W; ++w) {
         const int64_t s = states[b * W + w];
         if (s < 0 || s >= num_nodes) continue;  // dead beam (range validated by the caller)
@@ -77,24 +85,22 @@ int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scor
           continue;
         }
         for (int64_t j = 0; j < count; ++j) sc[j] = base + rowr[ccr[j]];
-        for (int64_t j = count; j < count + 8; ++j) sc[j] = neg_inf;  // never beats a full heap
-        // Pass 2: once the heap is full, most blocks of 8 have no score above its worst one.
-        int64_t j = 0;
-        while (static_cast<int64_t>(heap.size()) < num_beams && j < count) {
-          insert(sc[j], w * K + cc[j], first + j);
-          ++j;
-        }
-        for (; j < count; j += 8) {
-          const float threshold = heap.front().score;
-          int any = 0;
-          for (int q = 0; q < 8; ++q) any |= sc[j + q] > threshold;
-          if (!any) continue;
+        for (int64_t j = count; j < count + 8; ++j) sc[j] = neg_inf;  // padding, never inserted
+        // Pass 2: once a threshold exists, most blocks of 8 have no score that reaches it.
+        for (int64_t j = 0; j < count; j += 8) {
+          if (have_threshold) {
+            const float t = threshold.score;
+            int any = 0;
+            for (int q = 0; q < 8; ++q) any |= sc[j + q] >= t;
+            if (!any) continue;
+          }
           const int64_t end = std::min<int64_t>(j + 8, count);
-          for (int64_t q = j; q < end; ++q)
-            if (sc[q] > heap.front().score) insert(sc[q], w * K + cc[q], first + q);
+          for (int64_t q = j; q < end; ++q) insert(sc[q], w * K + cc[q], first + q);
         }
       }
-      std::sort_heap(heap.begin(), heap.end(), better);  // best first
+      if (static_cast<int64_t>(pool.size()) > num_beams) trim();
+      std::sort(pool.begin(), pool.end(), better);  // best first
+      const std::vector<Candidate>& heap = pool;
       const int64_t kept = static_cast<int64_t>(heap.size());
       for (int64_t r = 0; r < num_beams; ++r) {
         const int64_t o = b * num_beams + r;

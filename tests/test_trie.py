@@ -177,3 +177,24 @@ def test_property_random_tries(L, K, n, seed):
     ref = constrained_beam_step_reference(log_probs, scores, states, t.offsets, t.codes, nb)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3, 20, 100, 250])
+def test_step_with_many_candidates_equals_reference(num_beams):
+    # Wide beams over a dense trie: thousands of candidates per user, so the engine's bounded
+    # pool is trimmed many times; integer scores make many exact ties (broken by key).
+    rng = np.random.default_rng(num_beams)
+    K, L = 32, 3
+    codes = random_codes(rng, 4000, L, K)
+    t = ConceptTrie(codes, codebook_size=K).tensors()
+    lo, hi = int(t.level_start[1]), int(t.level_start[2])
+    B, W = 3, 120
+    states = torch.from_numpy(rng.integers(lo, hi, size=(B, W)))
+    states[torch.from_numpy(rng.random((B, W)) < 0.1)] = -1
+    for log_probs in (torch.from_numpy(rng.integers(-6, 1, size=(B * W, K)).astype(np.float32)),
+                      torch.log_softmax(torch.from_numpy(rng.normal(size=(B * W, K))).float(), -1)):
+        scores = torch.from_numpy(rng.integers(-3, 1, size=(B, W)).astype(np.float32))
+        got = constrained_beam_step(log_probs, scores, states, t.offsets, t.codes, num_beams)
+        ref = constrained_beam_step_reference(log_probs, scores, states, t.offsets, t.codes, num_beams)
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, rtol=0, atol=0)
