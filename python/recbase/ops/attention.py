@@ -116,20 +116,25 @@ def _seq_layout(cu: torch.Tensor, n: int):
     return seq, pos, lens
 
 
-def _padded_scores(q, k, cu, item, mask, scale):
-    """Padded [B,H,T,T] masked scores (accumulation dtype) + layout for scattering back."""
-    n, h, d = q.shape
-    hkv = k.shape[1]
-    b = cu.numel() - 1
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+def _padder(cu: torch.Tensor, n: int):
+    """Scatter of packed rows into a padded [B, T, ...] batch: (pad, seq, pos, lens, T)."""
     seq, pos, lens = _seq_layout(cu, n)
-    t = int(lens.max())
+    b, t = cu.numel() - 1, int(lens.max())
 
     def pad(x, fill=0):
         out = x.new_full((b, t) + tuple(x.shape[1:]), fill)
         out[seq, pos] = x
         return out
 
+    return pad, seq, pos, lens, t
+
+
+def _padded_scores(q, k, cu, item, mask, scale):
+    """Padded [B,H,T,T] masked scores (accumulation dtype) + layout for scattering back."""
+    n, h, d = q.shape
+    hkv = k.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    pad, seq, pos, lens, t = _padder(cu, n)
     qp = pad(q.to(acc))  # [B,T,H,D]
     kp = pad(k.to(acc)).repeat_interleave(h // hkv, dim=2)
     ar = torch.arange(t, device=q.device)
@@ -159,14 +164,7 @@ def _padded_group(q, k, v, cu, item, mask):
     n, h, _ = q.shape
     g = h // k.shape[1]
     b = cu.numel() - 1
-    seq, pos, lens = _seq_layout(cu, n)
-    t = int(lens.max())
-
-    def pad(x, fill=0):
-        out = x.new_full((b, t) + tuple(x.shape[1:]), fill)
-        out[seq, pos] = x
-        return out
-
+    pad, seq, pos, lens, t = _padder(cu, n)
     add = None
     if mask == "item":
         ip = pad(item.to(torch.int64), fill=torch.iinfo(torch.int64).max)
