@@ -1,5 +1,6 @@
 """Pretraining: packing, learning, exact resume after a kill, 2-process DDP == 1 process."""
 import os
+import time
 
 import numpy as np
 import pytest
@@ -108,10 +109,21 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         _run(tmp_path / "c")
 
 
-def _ddp_worker(rank, world, init_file, out_dir, batch):
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, init_method, out_dir, batch):
+    import datetime
+
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a bounded timeout: a worker that cannot reach its peer fails instead of waiting 30 min
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     model = tiny_model()
     cfg = TrainConfig(epochs=1, tokens_per_batch=10_000, lr=1e-2, warmup_steps=1, seed=0, progress=False)
     trainer = Trainer(model, synthetic_sequences(16, seed=4), [], cfg)
@@ -122,14 +134,25 @@ def _ddp_worker(rank, world, init_file, out_dir, batch):
     dist.destroy_process_group()
 
 
-def test_two_process_ddp_step_equals_one_process_step(tmp_path):
+def test_two_process_ddp_step_equals_one_process_step(tmp_path, monkeypatch):
+    # Both workers talk over loopback only: gloo otherwise picks its address from the hostname,
+    # which in sandboxed CI may resolve to an interface that does not answer.
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     batch = list(range(16))
     # 1 process, the whole batch
     model = tiny_model()
     cfg = TrainConfig(epochs=1, tokens_per_batch=10_000, lr=1e-2, warmup_steps=1, seed=0, progress=False)
     Trainer(model, synthetic_sequences(16, seed=4), [], cfg).train_step(np.asarray(batch))
     # 2 processes on gloo, each half of the batch (sequences of different lengths)
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), batch), nprocs=2, join=True)
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    ctx = mp.start_processes(_ddp_worker, args=(2, init, str(tmp_path), batch), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=2):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2-process gloo step did not finish in 240 s")
     ddp, ddp_grads = torch.load(tmp_path / "ddp.pt")
     # the averaged gradient is the gradient of the whole batch (up to float32 summation order)
     for n, p in model.named_parameters():
