@@ -4,8 +4,9 @@
 // i.e. v in [offsets[s], offsets[s+1]), candidate score = scores[b,w] + log_probs[b*W+w, codes[v]].
 // Keep the best `num_beams` candidates per user by (score desc, w*K + code asc); dead beams
 // (state -1) have no candidates; missing slots get score -inf, parent/token/state -1.
-// Cost O(sum of children) per user: a block compare against the current k-th best rejects most
-// candidates; the kept pool is trimmed by nth_element when full. Never a vocabulary-wide mask.
+// Cost O(sum of children) per user: the children's scores are gathered into one cached buffer;
+// a threshold from a strided sample pre-filters them (exact: it falls back to all candidates if
+// fewer than num_beams pass) and nth_element + sort rank the survivors. Never a vocabulary mask.
 #pragma once
 #include <cstdint>
 

@@ -198,3 +198,24 @@ def test_step_with_many_candidates_equals_reference(num_beams):
         ref = constrained_beam_step_reference(log_probs, scores, states, t.offsets, t.codes, num_beams)
         for g, r in zip(got, ref):
             torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_step_when_a_strided_sample_sees_only_the_best():
+    # The engine estimates its entry threshold from a strided sample of the candidates. Put the
+    # high scores exactly on a stride so that estimate is too strict: the step must still be
+    # exact (it then falls back to every candidate).
+    K, W = 256, 8
+    codes = np.stack(np.meshgrid(np.arange(W), np.arange(K), indexing="ij"), -1).reshape(-1, 2)
+    t = ConceptTrie(codes, codebook_size=K).tensors()
+    states = torch.arange(int(t.level_start[1]), int(t.level_start[2])).view(1, W)
+    g = torch.Generator().manual_seed(5)
+    for stride in (2, 4, 8, 16):
+        log_probs = torch.rand(W, K, generator=g) - 20.0
+        log_probs[:, ::stride] += 20.0 + torch.rand(W, K // stride, generator=g)
+        scores = torch.zeros(1, W)
+        for nb in (5, 20, 60):
+            got = constrained_beam_step(log_probs, scores, states, t.offsets, t.codes, nb)
+            ref = constrained_beam_step_reference(log_probs, scores, states, t.offsets, t.codes, nb)
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert (got[2] % stride == 0).all()  # only the boosted codes win
