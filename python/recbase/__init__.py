@@ -24,8 +24,10 @@ _EXPORTS = {
     "RecBaseConfig": "recbase.model",
     "RecBaseForCausalLM": "recbase.model",
     "Recommender": "recbase.recommend",
+    "lora_model": "recbase.finetune",
 }
-_SUBMODULES = {"ops", "datasets", "data", "evaluate", "baselines", "train", "model", "kernels"}
+_SUBMODULES = {"ops", "datasets", "data", "evaluate", "baselines", "train", "model", "kernels",
+               "finetune", "masking"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -13,6 +13,10 @@ ends with the same model as one that ran through.
 Data parallel: run under ``torchrun``; each rank trains on its shard of every packed batch and
 the loss is scaled by the rank's share of the batch's target tokens, so the averaged gradient
 equals the single-process gradient of the whole batch.
+
+Fine-tuning: the same ``Trainer`` trains a LoRA-wrapped model (``recbase.finetune.lora_model``);
+the optimizer only receives parameters that require gradients. With ``TrainConfig.mask_rate > 0``
+the masked-entity objective (``recbase.masking``) is added to the next-token objective.
 """
 from __future__ import annotations
 
@@ -30,7 +34,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from recbase.masking import mask_entities
+
 IGNORE = -100
+_MASK_STREAM = 0x6D61736B  # separates the masking RNG streams from other uses of the seed
 
 
 @dataclass
@@ -48,6 +55,10 @@ class TrainConfig:
     time_budget_s: float | None = None  # stop (after validating) once training took this long
     device: str = "cpu"
     progress: bool = True
+    # masked-entity objective (recbase.masking): each step also trains on a copy of every sequence
+    # of its batch with whole items masked at this rate (a step then holds up to twice
+    # tokens_per_batch tokens; the loss is the mean over both kinds of targets). 0 = off.
+    mask_rate: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -72,17 +83,23 @@ def pack_batches(lengths: Sequence[int], tokens_per_batch: int, seed: int, epoch
     return batches
 
 
-def collate(seqs: Sequence[torch.Tensor], target_items_only: int = 0):
+def collate(seqs: Sequence[torch.Tensor], target_items_only: int = 0, labels: Sequence | None = None):
     """Pack sequences: (input_ids [T], cu_seqlens [B+1] int32, labels [T]).
 
-    ``labels`` equal the inputs (the model shifts inside each sequence); with
-    ``target_items_only = L`` only the last item's L tokens are scored (validation).
+    ``labels`` equal the inputs (the model shifts inside each sequence) unless given (one per
+    sequence, same lengths); with ``target_items_only = L`` only the last item's L tokens are
+    scored (validation).
     """
     ids = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in seqs])
     lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
     cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lens, 0)
-    labels = ids.clone()
+    if labels is None:
+        labels = ids.clone()
+    else:
+        if [len(x) for x in labels] != lens.tolist():
+            raise ValueError("labels: need one label sequence per input sequence, of the same length")
+        labels = torch.cat([torch.as_tensor(x, dtype=torch.long) for x in labels])
     if target_items_only:
         mask = torch.ones_like(ids, dtype=torch.bool)
         for end in cu[1:].tolist():
@@ -142,7 +159,8 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 class Trainer:
-    """Pretrains a ``RecBaseForCausalLM`` on packed concept-ID sequences.
+    """Pretrains (or, wrapped by ``recbase.finetune.lora_model``, fine-tunes) a
+    ``RecBaseForCausalLM`` on packed concept-ID sequences.
 
     ``train`` and ``valid`` are lists of 1-D token-id sequences; in ``valid`` the last
     ``levels`` tokens of each sequence are the held-out item that the validation loss scores.
@@ -152,6 +170,8 @@ class Trainer:
                  output_dir: str | os.PathLike | None = None):
         if len(train) == 0:
             raise ValueError("train: no training sequences")
+        if not 0.0 <= config.mask_rate <= 1.0:
+            raise ValueError(f"mask_rate must be in [0, 1], got {config.mask_rate!r}")
         self.model = model
         self.cfg = config
         self.train_seqs = [torch.as_tensor(s, dtype=torch.long) for s in train]
@@ -162,8 +182,12 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.model.to(self.device)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        # frozen parameters (the base weights under LoRA) stay out of the optimizer
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("model has no parameter that requires gradients")
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
@@ -204,8 +228,8 @@ class Trainer:
         return True
 
     # -- steps ----------------------------------------------------------------------------------
-    def _loss(self, seqs, target_items_only=0, train=True):
-        ids, cu, labels = collate(seqs, target_items_only)
+    def _loss(self, seqs, target_items_only=0, train=True, labels=None):
+        ids, cu, labels = collate(seqs, target_items_only, labels)
         ids, cu, labels = ids.to(self.device), cu.to(self.device), labels.to(self.device)
         model = self.ddp if (train and self.ddp is not None) else self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -223,15 +247,29 @@ class Trainer:
     def _shard(self, batch: np.ndarray) -> np.ndarray:
         return batch[self.rank::self.world]
 
+    def masked_example(self, index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) of training sequence ``index`` with whole items masked at step
+        ``step``: a pure function of (seed, step, index), so every rank and a resumed run agree."""
+        rng = np.random.default_rng([self.cfg.seed, _MASK_STREAM, step, int(index)])
+        return mask_entities(self.train_seqs[index], self.levels, self.cfg.mask_rate, rng)
+
     def train_step(self, batch: np.ndarray) -> float:
         self.model.train()
         lr = self.cfg.lr * _lr_factor(self.state["global_step"], self.total_steps, self.cfg)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        local = [self.train_seqs[i] for i in self._shard(batch)]
+        shard = self._shard(batch)
+        local = [self.train_seqs[i] for i in shard]
         total_targets = sum(self._num_targets(*collate([self.train_seqs[i]])[1:]) for i in batch)
+        labels = None
+        if self.cfg.mask_rate:
+            # masked copies of the batch's sequences, scored next to the plain ones
+            masked = {int(i): self.masked_example(i, self.state["global_step"]) for i in batch}
+            total_targets += sum(self._num_targets(*collate([x], labels=[y])[1:]) for x, y in masked.values())
+            labels = list(local) + [masked[int(i)][1] for i in shard]
+            local = local + [masked[int(i)][0] for i in shard]
         if local:
-            loss_sum, _ = self._loss(local)
+            loss_sum, _ = self._loss(local, labels=labels)
         else:  # more ranks than sequences in this batch: contribute a zero gradient
             loss_sum = sum(p.sum() * 0 for p in self.model.parameters())
         # DDP averages gradients over ranks; scaling by world/total makes that the global mean.

@@ -1,9 +1,10 @@
 """RecBaseForCausalLM: Qwen2-style decoder (RMSNorm, SwiGLU, GQA) over concept-ID sequences.
 
 Token layout of one sequence: optional BOS, then items, each item L concept tokens of levels
-0..L-1 (id ``4 + l*K + c``). Each token gets two positions (RecSysLLM "dynamic" positions): its item
-slot (BOS is slot 0 when present, items follow) encoded by rotary embeddings, and its level inside the
-item encoded by a learned level embedding (BOS has its own level slot L). The next token after a
+0..L-1 (id ``4 + l*K + c``; MASK may stand in for any of them, for masked-entity training). Each
+token gets two positions (RecSysLLM "dynamic" positions): its item slot (BOS is slot 0 when present,
+items follow) encoded by rotary embeddings, and its level inside the item encoded by a learned level
+embedding (BOS has its own level slot L). The next token after a
 level-l token is of level (l+1) mod L, so the output head and the loss are restricted to that level's
 K codes (logits [*, K]), never the whole vocabulary.
 
@@ -41,7 +42,7 @@ from recbase.ops.attention import (
     validate_jagged,
 )
 
-from .config import BOS_ID, NUM_SPECIAL_TOKENS, PAD_ID, RecBaseConfig
+from .config import BOS_ID, MASK_ID, NUM_SPECIAL_TOKENS, PAD_ID, RecBaseConfig
 
 IGNORE_INDEX = -100
 
@@ -288,7 +289,8 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         """Validate a packed batch and derive (item slot, level, next level) per token.
 
         Level of a token = its position after the optional BOS modulo L; item slot = position // L
-        (+1 when the sequence starts with BOS, whose slot is 0 and level slot L)."""
+        (+1 when the sequence starts with BOS, whose slot is 0 and level slot L). A MASK token may
+        stand in for any concept token (see ``recbase.masking``)."""
         cfg = self.config
         L, K = cfg.levels, cfg.codebook_size
         if input_ids.dtype not in (torch.int32, torch.int64):
@@ -321,7 +323,9 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
                              f"(+1 BOS) = {cfg.max_tokens} allowed")
         level = torch.where(is_bos, torch.full_like(off, L), off.clamp_min(0) % L)
         item = torch.where(is_bos, torch.zeros_like(off), off.clamp_min(0) // L + has_bos[seq].long())
-        concept = ~is_bos
+        # MASK stands for a hidden concept token (masked-entity training): it takes the level of
+        # its position, like the token it replaces
+        concept = ~is_bos & (ids != MASK_ID)
         expected_lo = NUM_SPECIAL_TOKENS + level * K
         wrong = concept & ((ids < expected_lo) | (ids >= expected_lo + K))
         if bool(wrong.any()):
