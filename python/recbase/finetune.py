@@ -15,11 +15,10 @@ Needs ``peft`` (``pip install "recbase[lora]"``).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from recbase._atomic import atomic_dir
 from recbase.model import RecBaseForCausalLM
 
 # The nn.Linear projections of every RecBaseDecoderLayer (RecBaseAttention + RecBaseMLP).
@@ -94,22 +93,8 @@ def save_lora(peft_model, path: str | os.PathLike) -> None:
     """Write only the adapters (``adapter_model.safetensors`` + ``adapter_config.json``) to the
     folder ``path``, atomically: a crash leaves the previous folder or the new one, never a mix."""
     _check_peft(peft_model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_lora(base_model: RecBaseForCausalLM, path: str | os.PathLike, trainable: bool = False):

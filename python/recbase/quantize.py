@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from recbase._atomic import atomic_file
 from recbase.ops import rq as _ops
 
 __all__ = ["ResidualQuantizer"]
@@ -249,15 +249,8 @@ class ResidualQuantizer:
             for name, value in self._vae.state_dict().items():
                 tensors[f"vae.{name}"] = value.detach().cpu().contiguous().numpy()
             meta["vae_config"] = json.dumps(self._vae.config_dict())
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path) -> "ResidualQuantizer":

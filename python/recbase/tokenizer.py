@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from recbase._atomic import atomic_dir
 from recbase.quantize import ResidualQuantizer
 
 _FORMAT_VERSION = 1
@@ -327,27 +326,13 @@ class ItemTokenizer:
         self._check_fitted()
         from safetensors.numpy import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self.quantizer.save(tmp / "quantizer.safetensors")
             save_file({"codes": np.ascontiguousarray(self.codes)}, str(tmp / "codes.safetensors"))
             meta = {"format_version": _FORMAT_VERSION, "levels": self.levels,
                     "codebook_size": self.codebook_size, "method": self.method,
                     "dedup": self.dedup, "seed": self.seed, "report": self._report}
             (tmp / "tokenizer.json").write_text(json.dumps(meta, indent=2))
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ItemTokenizer":

@@ -34,6 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from recbase._atomic import atomic_files_into
 from recbase.ops.attention import (
     concept_attention,
     concept_embedding,
@@ -275,6 +276,12 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         self.model = RecBaseModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """HuggingFace's ``save_pretrained``, with every file written aside and moved into
+        ``save_directory`` whole (config last): a crash never leaves a truncated weights file."""
+        with atomic_files_into(save_directory) as tmp:
+            super().save_pretrained(tmp, *args, **kwargs)
 
     # ------------------------------------------------------------------ layout
     @property

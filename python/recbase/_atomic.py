@@ -1,0 +1,65 @@
+"""Atomic writes: a crash leaves the previous file/folder or the new one, never a mix.
+
+Both helpers hand out a temporary path beside the target (same filesystem, so ``os.replace`` is
+atomic), and move it into place only when the ``with`` block finished without an exception.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """``with atomic_file(p) as tmp: write(tmp)`` -> ``p`` holds the complete new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """``with atomic_dir(p) as tmp: write files into tmp`` -> folder ``p`` is the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():  # a folder cannot be replaced in one step: move the old one aside first
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_files_into(folder: str | os.PathLike, last: tuple[str, ...] = ("config.json",)):
+    """``with atomic_files_into(d) as tmp: write files into tmp`` -> each file is moved into the
+    existing folder ``d`` whole (other files there are kept); names in ``last`` move last, so a
+    config never points at weights that are not there yet."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".incoming.", dir=folder))
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir(), key=lambda f: (f.name in last, f.name)):
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
