@@ -74,7 +74,7 @@ int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scor
   const float neg_inf = -std::numeric_limits<float>::infinity();
   int64_t bad_codes = 0;
   // Threads only pay off (and only behave on a busy machine) when there is real work.
-#pragma omp parallel reduction(+ : bad_codes) if (work_estimate > 65536 && B > 1)
+#pragma omp parallel reduction(+ : bad_codes) if (work_estimate > 16384 && B > 1)
   {
     // Per user: gather every valid child's score (and key w * K + code) into one buffer that
     // stays in cache, then select the best num_beams from it.
