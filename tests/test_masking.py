@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from recbase.masking import mask_entities
 from recbase.train import Trainer, TrainConfig, collate
-from test_train import L, K, synthetic_sequences, tiny_model
+from test_train import L, K, _run, synthetic_sequences, tiny_model
 
 torch.set_num_threads(1)
 BOS, MASK, IGNORE = 1, 3, -100
@@ -173,28 +173,8 @@ def test_masked_entity_training_lowers_the_masked_item_loss():
 
 
 def test_killed_and_resumed_masked_run_equals_uninterrupted(tmp_path):
-    def run(out, kill_at=None):
-        model = tiny_model()
-        cfg = TrainConfig(epochs=2, tokens_per_batch=256, lr=3e-3, warmup_steps=3, seed=0, progress=False,
-                          checkpoint_every=2, patience=5, mask_rate=0.4)
-        trainer = Trainer(model, synthetic_sequences(40, seed=2), synthetic_sequences(8, seed=3), cfg,
-                          output_dir=out)
-        if kill_at is not None:
-            real = trainer.train_step
-
-            def step(batch):
-                if trainer.state["global_step"] == kill_at:
-                    raise KeyboardInterrupt("killed")
-                return real(batch)
-            trainer.train_step = step
-            with pytest.raises(KeyboardInterrupt):
-                trainer.fit()
-            return None
-        trainer.fit()
-        return model.state_dict()
-
-    ref = run(tmp_path / "a")
-    run(tmp_path / "b", kill_at=5)
-    got = run(tmp_path / "b")
+    ref, _ = _run(tmp_path / "a", mask_rate=0.4)
+    _run(tmp_path / "b", kill_at=5, mask_rate=0.4)
+    got, _ = _run(tmp_path / "b", mask_rate=0.4)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)

@@ -72,10 +72,11 @@ def test_pretraining_learns_the_chain(tmp_path):
     assert state["history"][-1]["train_loss"] < state["history"][0]["train_loss"]
 
 
-def _run(tmp, kill_at=None, resume=False):
+def _run(tmp, kill_at=None, mask_rate=0.0):
+    """Train (or train until killed at step ``kill_at``); returns (state dict, trainer state)."""
     model = tiny_model()
     cfg = TrainConfig(epochs=2, tokens_per_batch=256, lr=3e-3, warmup_steps=3, seed=0,
-                      progress=False, checkpoint_every=2, patience=5)
+                      progress=False, checkpoint_every=2, patience=5, mask_rate=mask_rate)
     trainer = Trainer(model, synthetic_sequences(60, seed=2), synthetic_sequences(10, seed=3), cfg,
                       output_dir=tmp)
     if kill_at is not None:
