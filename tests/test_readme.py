@@ -2,13 +2,18 @@
 import pathlib
 import re
 
-import pytest
-
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_code_fences_are_balanced():
+    # a stray fence turns the rest of the page into one code block
+    fences = [line for line in README.read_text().splitlines() if line.startswith("```")]
+    assert len(fences) % 2 == 0
+    assert all(f != "```" for f in fences[0::2]), "a block opens without a language"
 
 
 def test_readme_example_runs(capsys):
@@ -19,7 +24,6 @@ def test_readme_example_runs(capsys):
 
 
 def test_readme_lora_example_runs(capsys, tmp_path, monkeypatch):
-    pytest.importorskip("peft")
     [block] = [b for b in python_blocks() if "lora_model" in b]
     monkeypatch.chdir(tmp_path)  # the example writes its adapters to the working directory
     exec(compile(block, "README.md", "exec"), {})
