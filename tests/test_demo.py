@@ -12,8 +12,11 @@ from recbase.demo import DemoConfig, run_demo
 @pytest.mark.skipif(os.environ.get("RECBASE_TEST_DATA") == "0",
                     reason="RECBASE_TEST_DATA=0: real datasets disabled (offline)")
 def test_quick_demo_end_to_end(tmp_path):
+    # one full epoch, not a time budget: on a slow or busy machine a 30 s budget once stopped at
+    # 59 of 161 steps, before the model beat popularity; the work (and result) must not depend
+    # on the machine's speed
     cfg = DemoConfig(output=str(tmp_path / "demo"), max_eval_users=200, epochs=1,
-                     time_budget_s=30.0, sasrec_seconds=20.0)
+                     time_budget_s=None, sasrec_seconds=20.0)
     result = run_demo(cfg)
     out = tmp_path / "demo"
     for name in ("results.json", "results.md", "config.json", "tokenizer", "model"):

@@ -49,7 +49,7 @@ class DemoConfig:
     epochs: int = 4
     tokens_per_batch: int = 8192
     lr: float = 2e-3
-    time_budget_s: float = 300.0
+    time_budget_s: float | None = 300.0  # None = no limit
     valid_users: int = 1000  # seeded sample of users whose validation item drives early stopping
     # evaluation
     num_beams: int = 30
