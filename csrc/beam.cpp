@@ -114,7 +114,8 @@ int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scor
           int64_t m = 0;
           for (int64_t j = 0; j < count; ++j) {
             if (cc[j] < 0 || cc[j] >= K) { ++bad_codes; continue; }
-            v[m] = base + row[cc[j]];
+            const float x = base + row[cc[j]];
+            v[m] = std::isnan(x) ? neg_inf : x;
             k[m++] = key0 + static_cast<uint32_t>(cc[j]);
           }
           n += m;

@@ -35,8 +35,7 @@ from tqdm.auto import tqdm
 
 from recbase._atomic import atomic_file
 from recbase.masking import mask_entities
-
-IGNORE = -100
+from recbase.model.modeling import IGNORE_INDEX as IGNORE  # one "not a target" label everywhere
 _MASK_STREAM = 0x6D61736B  # separates the masking RNG streams from other uses of the seed
 
 
