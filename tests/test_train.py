@@ -30,10 +30,16 @@ def synthetic_sequences(n_users, n_items=40, seed=0, length=(4, 12)):
     return seqs
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, content_dim=0):
+    """A tiny model; with ``content_dim`` it also holds seeded concept content vectors."""
     torch.manual_seed(seed)
-    cfg = RecBaseConfig.from_preset("tiny", levels=L, codebook_size=K, max_items=16)
-    return RecBaseForCausalLM(cfg)
+    cfg = RecBaseConfig.from_preset("tiny", levels=L, codebook_size=K, max_items=16,
+                                    concept_vector_dim=content_dim)
+    model = RecBaseForCausalLM(cfg)
+    if content_dim:
+        model.set_concept_vectors(torch.randn(L - 1, K, content_dim,
+                                              generator=torch.Generator().manual_seed(seed + 1)))
+    return model
 
 
 def test_pack_batches_is_a_seeded_partition():
@@ -117,7 +123,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, init_method, out_dir, batch):
+def _ddp_worker(rank, world, init_method, out_dir, batch, rotation_rate=0.0):
     import datetime
     import faulthandler
 
@@ -128,8 +134,9 @@ def _ddp_worker(rank, world, init_method, out_dir, batch):
     # a bounded timeout: a worker that cannot reach its peer fails instead of waiting 30 min
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
-    model = tiny_model()
-    cfg = TrainConfig(epochs=1, tokens_per_batch=10_000, lr=1e-2, warmup_steps=1, seed=0, progress=False)
+    model = tiny_model(content_dim=6 if rotation_rate else 0)
+    cfg = TrainConfig(epochs=1, tokens_per_batch=10_000, lr=1e-2, warmup_steps=1, seed=0, progress=False,
+                      content_rotation_rate=rotation_rate)
     trainer = Trainer(model, synthetic_sequences(16, seed=4), [], cfg)
     trainer.train_step(np.asarray(batch))
     if rank == 0:
@@ -138,7 +145,10 @@ def _ddp_worker(rank, world, init_method, out_dir, batch):
     dist.destroy_process_group()
 
 
-def test_two_process_ddp_step_equals_one_process_step(tmp_path, monkeypatch):
+# rotation_rate=1: a content-only step, whose free concept rows get zero gradients (DDP must
+# still see every parameter used)
+@pytest.mark.parametrize("rotation_rate", [0.0, 1.0])
+def test_two_process_ddp_step_equals_one_process_step(tmp_path, monkeypatch, rotation_rate):
     # Both workers talk over loopback only: gloo otherwise picks its address from the hostname,
     # which in sandboxed CI may resolve to an interface that does not answer.
     import socket
@@ -146,15 +156,16 @@ def test_two_process_ddp_step_equals_one_process_step(tmp_path, monkeypatch):
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     batch = list(range(16))
     # 1 process, the whole batch
-    model = tiny_model()
-    cfg = TrainConfig(epochs=1, tokens_per_batch=10_000, lr=1e-2, warmup_steps=1, seed=0, progress=False)
+    model = tiny_model(content_dim=6 if rotation_rate else 0)
+    cfg = TrainConfig(epochs=1, tokens_per_batch=10_000, lr=1e-2, warmup_steps=1, seed=0, progress=False,
+                      content_rotation_rate=rotation_rate)
     Trainer(model, synthetic_sequences(16, seed=4), [], cfg).train_step(np.asarray(batch))
     # 2 processes on gloo, each half of the batch (sequences of different lengths). A run that
     # stalls (a transport problem of the host, seen once on a loaded machine) is retried once
     # from scratch; a failed or wrong run is not.
     for attempt in range(2):
         init = f"tcp://127.0.0.1:{_free_port()}"
-        ctx = mp.start_processes(_ddp_worker, args=(2, init, str(tmp_path), batch), nprocs=2,
+        ctx = mp.start_processes(_ddp_worker, args=(2, init, str(tmp_path), batch, rotation_rate), nprocs=2,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + 120
         try:

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-eval-users", type=int, default=None,
                    help="evaluated users per domain (seeded sample; 0 = all; default 2000)")
-    s.add_argument("--time-budget", type=float, default=None, help="pretraining seconds (default 300)")
+    s.add_argument("--time-budget", type=float, default=None, help="cap on pretraining seconds (default: none, the configured epochs run in full)")
     s.add_argument("--quick", action="store_true", help="a small, fast variant (smoke test)")
     s.set_defaults(func=_cmd_demo)
 

@@ -3,10 +3,12 @@
 1. Load MovieLens-1M (movies) and Book-Crossing (books) from their pinned wheels.
 2. Write every item in its domain's template and embed it with the local text encoder.
 3. Centre each domain's embeddings on its own mean (the template's domain words otherwise
-   dominate the first level and books would only get concepts the model never trained on), fit
-   the ItemTokenizer on the movies, and tokenize the books with the same codebooks (zero-shot:
-   text only) -> unique concept IDs over one shared vocabulary.
-4. Pretrain a RecBase model on movie interaction sequences only.
+   dominate the first level), fit the ItemTokenizer on the item texts of both catalogs (text
+   only: no book interaction is read) -> unique concept IDs over one shared vocabulary, whose
+   codebook vectors become the concepts' content.
+4. Pretrain a RecBase model on movie interaction sequences only; a share of its steps reads the
+   concepts by content alone under a random rotation (``content_rotation_rate``), which is what
+   lets it read the books -- concepts it never trained on -- by content alone.
 5. Evaluate in-domain on MovieLens-1M and zero-shot on Book-Crossing (the model never saw a
    book interaction) next to popularity, text-kNN and SASRec, with fixed leave-one-out splits:
    Recall/NDCG/MRR@{5,10,20} over the whole catalog by constrained beam search, and the
@@ -37,9 +39,11 @@ class DemoConfig:
     book_min_rating: float | None = 1.0  # explicit ratings only (0 = implicit in Book-Crossing)
     book_kcore: int = 5
     max_eval_users: int | None = 2000  # per domain, seeded sample (None = all)
-    # tokenizer
+    # tokenizer: "all" fits the codebooks on the item texts of both catalogs (text only),
+    # "pretrain" on the movies only (books then reuse movie concepts)
     levels: int = 3
     codebook_size: int = 256
+    tokenizer_fit: str = "all"
     # model + pretraining
     preset: str = "small"
     hidden_size: int = 128
@@ -49,7 +53,8 @@ class DemoConfig:
     epochs: int = 4
     tokens_per_batch: int = 8192
     lr: float = 2e-3
-    time_budget_s: float | None = 300.0  # None = no limit
+    content_rotation_rate: float = 0.5  # share of steps read by content alone, randomly rotated
+    time_budget_s: float | None = None  # None = no limit (the default: same work on any machine)
     valid_users: int = 1000  # seeded sample of users whose validation item drives early stopping
     # evaluation
     num_beams: int = 30
@@ -113,12 +118,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     ml_emb, bx_emb = encoder.encode(ml_texts), encoder.encode(bx_texts)
     timer.mark(f"text encoder: {len(ml_texts)} movies, {len(bx_texts)} books")
 
-    # 3. one tokenizer, fitted on movies, reused for books (item text only) ----------------------
+    # 3. one tokenizer over both catalogs' item text -------------------------------------------
     ml_emb, bx_emb = _centre(ml_emb), _centre(bx_emb)
     tok = ItemTokenizer(levels=cfg.levels, codebook_size=cfg.codebook_size, seed=cfg.seed)
-    tok.fit(ml_emb)
+    if cfg.tokenizer_fit == "all":
+        tok.fit(np.concatenate([ml_emb, bx_emb]))
+        codes = {"movies": tok.codes[:len(ml_emb)], "books": tok.codes[len(ml_emb):]}
+    elif cfg.tokenizer_fit == "pretrain":
+        tok.fit(ml_emb)
+        codes = {"movies": tok.codes, "books": tok.encode(bx_emb)}  # books never collide with movies
+    else:
+        raise ValueError(f"tokenizer_fit must be 'all' or 'pretrain', got {cfg.tokenizer_fit!r}")
     tok.save(out / "tokenizer")
-    codes = {"movies": tok.codes, "books": tok.encode(bx_emb)}  # books never collide with movies
     item_tokens = {d: tok.tokens(c) for d, c in codes.items()}
     timer.mark(f"tokenizer: {json.dumps({k: v for k, v in tok.report().items() if k != 'per_level'})}")
 
@@ -130,16 +141,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     model_cfg = RecBaseConfig.from_preset(
         cfg.preset, levels=tok.id_length, codebook_size=cfg.codebook_size, max_items=cfg.max_items,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 3,
-        num_hidden_layers=cfg.num_layers)
+        num_hidden_layers=cfg.num_layers, concept_vector_dim=tok.quantizer.codebooks.shape[2])
     model = RecBaseForCausalLM(model_cfg)
+    model.set_concept_vectors(tok.quantizer.codebooks)
     train_cfg = TrainConfig(epochs=cfg.epochs, tokens_per_batch=cfg.tokens_per_batch, lr=cfg.lr,
                             warmup_steps=50, seed=cfg.seed, device=cfg.device,
-                            time_budget_s=cfg.time_budget_s)
+                            time_budget_s=cfg.time_budget_s, content_rotation_rate=cfg.content_rotation_rate)
     state = Trainer(model, train_seqs, valid_seqs, train_cfg, output_dir=out / "pretrain").fit()
     model.save_pretrained(out / "model")
     timer.mark(f"pretrain: {len(train_seqs)} sequences, history {state['history']}")
 
-    rec = Recommender(model, vocab, codes, max_items=cfg.max_items, device=cfg.device)
+    rec = Recommender(model, vocab, codes, max_items=cfg.max_items, device=cfg.device, unseen_domains=["books"])
     rows = []
 
     def ranking_row(name, domain, split, recommend, users):

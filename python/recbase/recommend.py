@@ -6,6 +6,7 @@ candidate items are scored by the likelihood of their concept IDs (the paper's C
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -60,14 +61,24 @@ class Recommender:
     """Recommends items of one or more catalogs (domains) with a pretrained concept-ID model.
 
     ``catalogs`` maps a domain name to the (N, L) concept IDs of its items (row = item index).
+    ``unseen_domains``: domains the model never trained on; they are read from concept content
+    alone (``model.content_only``; needs a model with concept vectors), since there a concept's
+    free embedding holds the statistics of the domains it was trained on.
     """
 
     def __init__(self, model, vocab: ConceptVocab, catalogs: dict[str, np.ndarray],
-                 max_items: int | None = None, device: str | torch.device = "cpu"):
+                 max_items: int | None = None, device: str | torch.device = "cpu",
+                 unseen_domains: Sequence[str] = ()):
         from recbase.trie import ConceptTrie
 
         if not catalogs:
             raise ValueError("catalogs: need at least one domain")
+        unknown = sorted(set(unseen_domains) - set(catalogs))
+        if unknown:
+            raise ValueError(f"unseen_domains: {unknown} not among the catalogs {sorted(catalogs)}")
+        if unseen_domains and not getattr(model.config, "concept_vector_dim", 0):
+            raise ValueError("unseen_domains needs a model with concept vectors (concept_vector_dim > 0)")
+        self.unseen_domains = frozenset(unseen_domains)
         self.model = model.to(device).eval()
         self.vocab = vocab
         self.device = torch.device(device)
@@ -86,6 +97,10 @@ class Recommender:
             raise ValueError(f"domain: unknown {domain!r}; known: {sorted(self.codes)}")
         return domain
 
+    def _reading(self, domain: str):
+        """The model's mode for ``domain``: content only for an unseen domain."""
+        return self.model.content_only() if domain in self.unseen_domains else contextlib.nullcontext()
+
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, domain: str | None = None,
                   num_beams: int = 20, exclude_history: bool = True, batch_size: int = 64):
         """Top-``k`` item indices (B, k) and scores (B, k) per history; -1 / -inf pad."""
@@ -99,7 +114,8 @@ class Recommender:
         for s in range(0, len(histories), batch_size):
             chunk = histories[s:s + batch_size]
             toks = [t.to(self.device) for t in history_tokens(chunk, self.codes[domain], self.vocab, self.max_items)]
-            items, scores = beam_search(self.model, self.tries[domain], toks, num_beams=num_beams, k=num_beams)
+            with self._reading(domain):
+                items, scores = beam_search(self.model, self.tries[domain], toks, num_beams=num_beams, k=num_beams)
             items, scores = items.cpu().numpy(), scores.cpu().numpy()
             for j, h in enumerate(chunk):
                 keep = items[j] >= 0
@@ -126,5 +142,6 @@ class Recommender:
                     raise ValueError(f"candidates[{s + b}]: item index out of range [0, {n})")
             toks = [t.to(self.device) for t in history_tokens(histories[s:s + batch_size], self.codes[domain],
                                                                self.vocab, self.max_items)]
-            out.extend(score_candidates(self.model, toks, cands, self.codes[domain]))
+            with self._reading(domain):
+                out.extend(score_candidates(self.model, toks, cands, self.codes[domain]))
         return out

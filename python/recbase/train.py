@@ -37,6 +37,18 @@ from recbase._atomic import atomic_file
 from recbase.masking import mask_entities
 from recbase.model.modeling import IGNORE_INDEX as IGNORE  # one "not a target" label everywhere
 _MASK_STREAM = 0x6D61736B  # separates the masking RNG streams from other uses of the seed
+_ROTATION_STREAM = 0x726F74  # and the content-rotation stream
+
+
+def random_rotation(dim: int, rng: np.random.Generator) -> torch.Tensor:
+    """A Haar-random orthogonal [dim, dim] float32 matrix (QR of a Gaussian, signs fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return torch.as_tensor(q * np.sign(np.diag(r)), dtype=torch.float32)
+
+
+def _core_model(model):
+    """The RecBaseForCausalLM inside a LoRA (peft) wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @dataclass
@@ -58,6 +70,11 @@ class TrainConfig:
     # of its batch with whole items masked at this rate (a step then holds up to twice
     # tokens_per_batch tokens; the loss is the mean over both kinds of targets). 0 = off.
     mask_rate: float = 0.0
+    # zero-shot transfer (needs a model with concept_vector_dim > 0): this fraction of steps is
+    # trained under ``model.content_only`` with a random rotation of the concept vectors, a pure
+    # function of (seed, step). The model then cannot rely on where concepts lie, only on how a
+    # history's concepts relate to the next item's -- which carries over to an unseen domain.
+    content_rotation_rate: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -163,6 +180,11 @@ class Trainer:
             raise ValueError("train: no training sequences")
         if not 0.0 <= config.mask_rate <= 1.0:
             raise ValueError(f"mask_rate must be in [0, 1], got {config.mask_rate!r}")
+        if not 0.0 <= config.content_rotation_rate <= 1.0:
+            raise ValueError(f"content_rotation_rate must be in [0, 1], got {config.content_rotation_rate!r}")
+        if config.content_rotation_rate and not getattr(model.config, "concept_vector_dim", 0):
+            raise ValueError("content_rotation_rate > 0 needs a model with concept vectors "
+                             "(RecBaseConfig(concept_vector_dim=...) and model.set_concept_vectors)")
         self.model = model
         self.cfg = config
         self.train_seqs = [torch.as_tensor(s, dtype=torch.long) for s in train]
@@ -244,7 +266,25 @@ class Trainer:
         rng = np.random.default_rng([self.cfg.seed, _MASK_STREAM, step, int(index)])
         return mask_entities(self.train_seqs[index], self.levels, self.cfg.mask_rate, rng)
 
+    def step_rotation(self, step: int) -> torch.Tensor | None:
+        """The content rotation of step ``step`` (None: a plain step); a pure function of
+        (seed, step), so every rank and a resumed run agree."""
+        rate = self.cfg.content_rotation_rate
+        if not rate:
+            return None
+        rng = np.random.default_rng([self.cfg.seed, _ROTATION_STREAM, step])
+        if rng.random() >= rate:
+            return None
+        return random_rotation(_core_model(self.model).config.concept_vector_dim, rng)
+
     def train_step(self, batch: np.ndarray) -> float:
+        rotation = self.step_rotation(self.state["global_step"])
+        if rotation is None:
+            return self._train_step(batch)
+        with _core_model(self.model).content_only(rotation):
+            return self._train_step(batch)
+
+    def _train_step(self, batch: np.ndarray) -> float:
         self.model.train()
         lr = self.cfg.lr * _lr_factor(self.state["global_step"], self.total_steps, self.cfg)
         for g in self.opt.param_groups:

@@ -44,6 +44,11 @@ class RecBaseConfig(PretrainedConfig):
             "causal").
         item_position_embedding: add a learned item-slot embedding (besides rotary).
         kernel_backend: "auto" (Triton on CUDA), "reference" or "triton".
+        concept_vector_dim: width of a content vector per concept token (0 = none). The model
+            then holds a buffer ``concept_vectors`` [L*K, dim] (``set_concept_vectors``, e.g. the
+            tokenizer's codebooks) and adds a learned projection of it to every concept token's
+            input embedding and output-head row, so concepts it never trained on (a new domain's)
+            still mean something to it.
     """
 
     model_type = "recbase"
@@ -54,7 +59,7 @@ class RecBaseConfig(PretrainedConfig):
                  head_dim: int | None = None, rms_norm_eps: float = 1e-6, rope_theta: float = 10000.0,
                  initializer_range: float = 0.02, attention_mask_type: str = "causal",
                  item_position_embedding: bool = False, kernel_backend: str = "auto",
-                 vocab_size: int | None = None, **kwargs):
+                 concept_vector_dim: int = 0, vocab_size: int | None = None, **kwargs):
         if levels < 1 or codebook_size < 1 or max_items < 1:
             raise ValueError(f"levels, codebook_size, max_items must be >= 1, got "
                              f"{levels}, {codebook_size}, {max_items}")
@@ -74,6 +79,8 @@ class RecBaseConfig(PretrainedConfig):
             raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
         if attention_mask_type not in ("causal", "item"):
             raise ValueError(f"attention_mask_type must be 'causal' or 'item', got {attention_mask_type!r}")
+        if int(concept_vector_dim) < 0:
+            raise ValueError(f"concept_vector_dim must be >= 0, got {concept_vector_dim}")
         if kernel_backend not in ("auto", "reference", "triton"):
             raise ValueError(f"kernel_backend must be 'auto', 'reference' or 'triton', got {kernel_backend!r}")
         self.levels = int(levels)
@@ -92,6 +99,7 @@ class RecBaseConfig(PretrainedConfig):
         self.attention_mask_type = attention_mask_type
         self.item_position_embedding = bool(item_position_embedding)
         self.kernel_backend = kernel_backend
+        self.concept_vector_dim = int(concept_vector_dim)
         kwargs.setdefault("pad_token_id", PAD_ID)
         kwargs.setdefault("bos_token_id", BOS_ID)
         kwargs.setdefault("eos_token_id", EOS_ID)

@@ -25,6 +25,7 @@ torch.Size([])
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -238,6 +239,16 @@ class RecBasePreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
 
 
+def _with_content(free: torch.Tensor, project: nn.Module, vectors: torch.Tensor, mode) -> torch.Tensor:
+    """Concept rows: free + project(vectors); under ``content_only`` project(vectors @ rotation)
+    alone (``0 * free`` keeps the free rows in the graph, so DDP sees every parameter used)."""
+    if mode is None:
+        return free + project(vectors)
+    rotation = mode[0]
+    v = vectors if rotation is None else vectors @ rotation
+    return project(v) + 0.0 * free
+
+
 class RecBaseModel(RecBasePreTrainedModel):
     """The decoder stack: concept embedding (token + level [+ item slot]) -> layers -> RMSNorm."""
 
@@ -247,13 +258,28 @@ class RecBaseModel(RecBasePreTrainedModel):
         self.embed_levels = nn.Embedding(config.levels + 1, config.hidden_size)  # slot L: BOS
         self.embed_items = (nn.Embedding(config.max_items + 1, config.hidden_size)
                             if config.item_position_embedding else None)
+        d = config.concept_vector_dim
+        if d:  # content of each concept (e.g. its codebook vector), projected into the model
+            self.register_buffer("concept_vectors", torch.zeros(config.levels * config.codebook_size, d))
+            self.concept_in = nn.Linear(d, config.hidden_size, bias=False)
+        else:
+            self.concept_vectors, self.concept_in = None, None
+        self.content_mode: tuple | None = None  # set by RecBaseForCausalLM.content_only
         self.layers = nn.ModuleList(RecBaseDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
+    def token_embedding_weight(self) -> torch.Tensor:
+        """[vocab, H] input embedding of every token (free rows + projected concept content)."""
+        w = self.embed_tokens.weight
+        if self.concept_in is None:
+            return w
+        return torch.cat([w[:NUM_SPECIAL_TOKENS], _with_content(w[NUM_SPECIAL_TOKENS:], self.concept_in,
+                                                               self.concept_vectors, self.content_mode)])
+
     def embed(self, ids, level, item, backend):
         iw = None if self.embed_items is None else self.embed_items.weight
-        return concept_embedding(ids, level, self.embed_tokens.weight, self.embed_levels.weight,
+        return concept_embedding(ids, level, self.token_embedding_weight(), self.embed_levels.weight,
                                  item_ids=item if iw is not None else None, item_weight=iw, backend=backend)
 
     def rotary(self, item, dtype):
@@ -275,7 +301,27 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         super().__init__(config)
         self.model = RecBaseModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.concept_out = (nn.Linear(config.concept_vector_dim, config.hidden_size, bias=False)
+                            if config.concept_vector_dim else None)
         self.post_init()
+
+    @torch.no_grad()
+    def set_concept_vectors(self, vectors) -> None:
+        """Attach content vectors to the concept tokens: (L', K, dim) with L' <= levels (e.g. the
+        tokenizer's codebooks; levels beyond L' -- such as the disambiguation level -- get zeros)."""
+        cfg = self.config
+        if not cfg.concept_vector_dim:
+            raise ValueError("set_concept_vectors needs a model built with concept_vector_dim > 0")
+        v = torch.as_tensor(vectors, dtype=torch.float32)
+        if v.dim() != 3 or v.shape[0] > cfg.levels or v.shape[1] != cfg.codebook_size \
+                or v.shape[2] != cfg.concept_vector_dim:
+            raise ValueError(f"vectors: expected shape (<= {cfg.levels}, {cfg.codebook_size}, "
+                             f"{cfg.concept_vector_dim}), got {tuple(v.shape)}")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("vectors: contains NaN or inf")
+        buf = self.model.concept_vectors
+        buf.zero_()
+        buf[:v.shape[0] * cfg.codebook_size] = v.reshape(-1, v.shape[2]).to(buf.device)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """HuggingFace's ``save_pretrained``, with every file written aside and moved into
@@ -290,7 +336,38 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
 
     def _concept_head(self) -> torch.Tensor:
         """Output-head rows of the concept tokens, [L*K, H] (level-major)."""
-        return self.lm_head.weight[NUM_SPECIAL_TOKENS:]
+        w = self.lm_head.weight[NUM_SPECIAL_TOKENS:]
+        if self.concept_out is None:
+            return w
+        return _with_content(w, self.concept_out, self.model.concept_vectors, self.model.content_mode)
+
+    @contextmanager
+    def content_only(self, rotation: torch.Tensor | None = None):
+        """Within this block each concept token is its projected content vector alone (the free
+        per-token rows drop out), optionally turned by an orthogonal ``rotation`` [dim, dim].
+
+        This is how the model reads a domain it never trained on: there a concept's free row
+        holds another domain's statistics, its content is all that carries over. Training steps
+        under random rotations (``TrainConfig.content_rotation_rate``) teach the model exactly
+        this mode: with the content space turned at random it cannot memorise where concepts lie
+        and learns how a history's concepts relate to the next one's instead.
+        """
+        cfg = self.config
+        if not cfg.concept_vector_dim:
+            raise ValueError("content_only needs a model built with concept_vector_dim > 0")
+        if rotation is not None:
+            d = cfg.concept_vector_dim
+            rotation = torch.as_tensor(rotation)
+            if rotation.shape != (d, d) or not rotation.is_floating_point():
+                raise ValueError(f"rotation: expected a float ({d}, {d}) matrix, got "
+                                 f"{rotation.dtype} {tuple(rotation.shape)}")
+            rotation = rotation.to(self.model.concept_vectors)
+        previous = self.model.content_mode
+        self.model.content_mode = (rotation,)
+        try:
+            yield self
+        finally:
+            self.model.content_mode = previous
 
     def sequence_layout(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor):
         """Validate a packed batch and derive (item slot, level, next level) per token.
