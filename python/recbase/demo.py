@@ -50,7 +50,7 @@ class DemoConfig:
     num_layers: int = 2
     max_items: int = 20
     train_items_per_user: int | None = 60  # most recent training items per user used to pretrain
-    epochs: int = 4
+    epochs: int = 3
     tokens_per_batch: int = 8192
     lr: float = 2e-3
     content_rotation_rate: float = 0.5  # share of steps read by content alone, randomly rotated
