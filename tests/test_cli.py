@@ -41,3 +41,70 @@ def test_cli_round_trip_on_user_files(tmp_path, capsys):
     # unknown item in a history: a clear error, exit code 2, no traceback
     assert main(["recommend", *common, "--tokenizer", str(tok), "--model", str(model),
                  "--history", "nope"]) == 2
+
+
+def test_cli_zero_shot_in_a_new_domain(tmp_path, capsys):
+    """pretrain with content -> tokenize a new catalog on the same codebooks -> read it unseen."""
+    rng = np.random.default_rng(1)
+    genres = ["Drama", "Comedy", "Action", "Horror", "Romance"]
+    movies = pd.DataFrame({"item_id": [f"m{i}" for i in range(40)],
+                           "title": [f"Film number {i}" for i in range(40)],
+                           "genres": [genres[i % 5] for i in range(40)]})
+    books = pd.DataFrame({"item_id": [f"b{i}" for i in range(30)],
+                          "title": [f"Novel {i} of the {genres[i % 5].lower()} shelf" for i in range(30)],
+                          "author": [f"Author {i % 7}" for i in range(30)]})
+
+    def walks(prefix, n, users):
+        rows = []
+        for u in range(users):
+            start = int(rng.integers(n))
+            rows += [(f"u{u}", f"{prefix}{(start + t) % n}", t) for t in range(6)]
+        return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+
+    movies.to_csv(tmp_path / "movies.csv", index=False)
+    books.to_csv(tmp_path / "books.csv", index=False)
+    walks("m", 40, 30).to_csv(tmp_path / "movie_inter.csv", index=False)
+    walks("b", 30, 20).to_csv(tmp_path / "book_inter.csv", index=False)
+    mtok, btok, model, plain = (tmp_path / n for n in ("mtok", "btok", "model", "plain"))
+    m_args = ["--items", str(tmp_path / "movies.csv"), "--domain", "movies"]
+    b_args = ["--items", str(tmp_path / "books.csv"), "--domain", "books"]
+    assert main(["tokenize", *m_args, "--fields", "Title=title,Genres=genres", "--levels", "2",
+                 "--codebook-size", "8", "--output", str(mtok)]) == 0
+    assert main(["tokenize", *b_args, "--fields", "Title=title,Author=author", "--codebooks", str(mtok),
+                 "--output", str(btok)]) == 0
+
+    # the books are IDs on the movies' codebooks: nearest codeword per level (float64, brute force)
+    from recbase.tokenizer import ItemTokenizer
+    mt, bt = ItemTokenizer.load(mtok), ItemTokenizer.load(btok)
+    cb = np.asarray(mt.quantizer.codebooks, dtype=np.float64)
+    np.testing.assert_array_equal(np.asarray(bt.quantizer.codebooks), np.asarray(mt.quantizer.codebooks))
+    emb = np.load(btok / "embeddings.npy").astype(np.float64)
+    np.testing.assert_allclose(emb.mean(0), 0, atol=0.05)  # centred on the books' own mean
+    residual, expected = emb.copy(), []
+    for level in range(mt.levels):
+        k = ((residual[:, None, :] - cb[level][None]) ** 2).sum(-1).argmin(1)
+        expected.append(k)
+        residual -= cb[level][k]
+    np.testing.assert_array_equal(bt.codes[:, :mt.levels], np.stack(expected, 1))
+    assert len({tuple(c) for c in bt.codes}) == len(bt.codes)
+    assert not {tuple(c) for c in bt.codes} & {tuple(c) for c in mt.codes}  # never a movie's ID
+    assert bt.report()["num_items"] == 30
+
+    pre = ["pretrain", *m_args, "--interactions", str(tmp_path / "movie_inter.csv"), "--tokenizer", str(mtok),
+           "--preset", "tiny", "--max-items", "8", "--epochs", "2"]
+    assert main([*pre, "--content-rotation-rate", "0.5", "--output", str(model)]) == 0
+    capsys.readouterr()
+    on_books = [*b_args, "--tokenizer", str(btok), "--model", str(model), "--unseen"]
+    assert main(["evaluate", *on_books, "--interactions", str(tmp_path / "book_inter.csv")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0.0 <= metrics["ndcg@10"] <= metrics["recall@10"] <= 1.0
+    assert main(["recommend", *on_books, "--history", "b3", "b4", "-k", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and all(line.split()[-1] in set(books["item_id"]) for line in lines)
+
+    # a model pretrained without content cannot read an unseen domain: a clear error, exit 2
+    assert main([*pre, "--output", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(["recommend", *b_args, "--tokenizer", str(btok), "--model", str(plain), "--unseen",
+                 "--history", "b3"]) == 2
+    assert "concept vectors" in capsys.readouterr().err

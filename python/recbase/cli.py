@@ -7,6 +7,10 @@
     recbase evaluate  --items I --interactions X --tokenizer DIR --model DIR
     recbase recommend --items I --tokenizer DIR --model DIR --history ID [ID ...]
 
+Zero-shot in a new domain: pretrain with ``--content-rotation-rate 0.5``, tokenize the new
+catalog on the pretraining tokenizer's codebooks (``tokenize --codebooks DIR``), then
+``evaluate`` / ``recommend`` with ``--unseen`` (the domain is read by concept content alone).
+
 ``--items`` / ``--interactions`` are CSV or Parquet files (columns ``item_id`` + attributes;
 ``user_id, item_id[, timestamp][, rating]``), read by ``recbase.datasets.from_files``.
 """
@@ -54,14 +58,17 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     from recbase import datasets
     from recbase.data import TextEncoder
     from recbase.data.text import render_items
-    from recbase.tokenizer import ItemTokenizer
+    from recbase.tokenizer import ItemTokenizer, centre_embeddings
 
     items = datasets._read_table(args.items, "items")
     if "item_id" not in items.columns:
         raise SystemExit(f"--items: {args.items} has no item_id column (got {list(items.columns)})")
     texts = render_items(items, _template(args.domain, args.fields))
-    emb = TextEncoder(device=args.device).encode(texts)
-    tok = ItemTokenizer(levels=args.levels, codebook_size=args.codebook_size, seed=args.seed).fit(emb)
+    emb = centre_embeddings(TextEncoder(device=args.device).encode(texts))
+    if args.codebooks:  # a new domain on an existing vocabulary (zero-shot)
+        tok = ItemTokenizer.load(args.codebooks).for_catalog(emb)
+    else:
+        tok = ItemTokenizer(levels=args.levels, codebook_size=args.codebook_size, seed=args.seed).fit(emb)
     out = Path(args.output)
     tok.save(out)
     (out / "item_ids.json").write_text(json.dumps(items["item_id"].astype(str).tolist()))
@@ -91,12 +98,17 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     data = datasets.from_files(args.items, args.interactions, domain=args.domain)
     split = leave_one_out(data, index)
     train, valid = pretraining_sequences(split, tok.tokens(tok.codes), tok.vocab.BOS, args.max_items)
+    content = args.content_rotation_rate > 0  # concept content vectors: needed to go zero-shot
     cfg = RecBaseConfig.from_preset(args.preset, levels=tok.id_length, codebook_size=tok.codebook_size,
-                                    max_items=args.max_items)
+                                    max_items=args.max_items,
+                                    concept_vector_dim=tok.quantizer.codebooks.shape[2] if content else 0)
     model = RecBaseForCausalLM(cfg)
+    if content:
+        model.set_concept_vectors(tok.quantizer.codebooks)
     out = Path(args.output)
-    Trainer(model, train, valid, TrainConfig(epochs=args.epochs, lr=args.lr, device=args.device,
-                                             seed=args.seed), output_dir=out / "run").fit()
+    Trainer(model, train, valid, TrainConfig(epochs=args.epochs, lr=args.lr, device=args.device, seed=args.seed,
+                                             content_rotation_rate=args.content_rotation_rate),
+            output_dir=out / "run").fit()
     model.save_pretrained(out)
     print(f"model saved to {out}")
     return 0
@@ -113,7 +125,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     data = datasets.from_files(args.items, args.interactions, domain=args.domain)
     split = leave_one_out(data, index)
     model = RecBaseForCausalLM.from_pretrained(args.model)
-    rec = Recommender(model, tok.vocab, {args.domain: tok.codes}, device=args.device)
+    rec = Recommender(model, tok.vocab, {args.domain: tok.codes}, device=args.device,
+                      unseen_domains=[args.domain] if args.unseen else [])
     items, _ = rec.recommend(split.test_histories, k=20, num_beams=args.num_beams)
     print(json.dumps(evaluate_rankings(items, split.test_targets), indent=2))
     return 0
@@ -125,7 +138,8 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
     tok, index = _catalog(Path(args.tokenizer))
     model = RecBaseForCausalLM.from_pretrained(args.model)
-    rec = Recommender(model, tok.vocab, {"catalog": tok.codes}, device=args.device)
+    rec = Recommender(model, tok.vocab, {"catalog": tok.codes}, device=args.device,
+                      unseen_domains=["catalog"] if args.unseen else [])
     history = index.encode(args.history)
     items, scores = rec.recommend([history], k=args.k, num_beams=max(args.num_beams, args.k))
     for item, score in zip(index.decode(items[0][items[0] >= 0]), scores[0]):
@@ -160,12 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--tokenizer", required=True, help="folder written by `recbase tokenize`")
             s.add_argument("--model", required=True, help="folder written by `recbase pretrain`")
             s.add_argument("--num-beams", type=int, default=20)
+            s.add_argument("--unseen", action="store_true",
+                           help="a domain the model never trained on: read it by concept content alone "
+                                "(needs a model pretrained with --content-rotation-rate > 0)")
 
     s = sub.add_parser("tokenize", help="item text -> embeddings -> unique concept IDs")
     common(s)
     s.add_argument("--fields", default=None, help="template fields, e.g. 'Title=title,Year=year'")
     s.add_argument("--levels", type=int, default=3)
     s.add_argument("--codebook-size", type=int, default=256)
+    s.add_argument("--codebooks", default=None,
+                   help="tokenizer folder whose codebooks to reuse (a new domain, zero-shot) instead of fitting")
     s.add_argument("--output", required=True)
     s.set_defaults(func=_cmd_tokenize)
 
@@ -176,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-items", type=int, default=20)
     s.add_argument("--epochs", type=int, default=10)
     s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--content-rotation-rate", type=float, default=0.0,
+                   help="> 0: give concepts their codebook content and read this share of steps by content "
+                        "alone, randomly rotated, so the model can go zero-shot (the demo uses 0.5)")
     s.add_argument("--output", required=True)
     s.set_defaults(func=_cmd_pretrain)
 

@@ -69,12 +69,6 @@ def _sample_users(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def _centre(emb: np.ndarray) -> np.ndarray:
-    """Subtract the domain's mean embedding and re-normalise (cosine geometry kept)."""
-    x = emb - emb.mean(0, keepdims=True)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
-
-
 class _Timer:
     def __init__(self):
         self.t0 = time.perf_counter()
@@ -95,7 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from recbase.evaluate import build_ctr_pairs, evaluate_ctr, evaluate_rankings
     from recbase.model import RecBaseConfig, RecBaseForCausalLM
     from recbase.recommend import Recommender
-    from recbase.tokenizer import ItemTokenizer
+    from recbase.tokenizer import ItemTokenizer, centre_embeddings
     from recbase.train import Trainer, TrainConfig, pretraining_sequences
 
     out = Path(cfg.output)
@@ -119,14 +113,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     timer.mark(f"text encoder: {len(ml_texts)} movies, {len(bx_texts)} books")
 
     # 3. one tokenizer over both catalogs' item text -------------------------------------------
-    ml_emb, bx_emb = _centre(ml_emb), _centre(bx_emb)
+    ml_emb, bx_emb = centre_embeddings(ml_emb), centre_embeddings(bx_emb)
     tok = ItemTokenizer(levels=cfg.levels, codebook_size=cfg.codebook_size, seed=cfg.seed)
     if cfg.tokenizer_fit == "all":
         tok.fit(np.concatenate([ml_emb, bx_emb]))
         codes = {"movies": tok.codes[:len(ml_emb)], "books": tok.codes[len(ml_emb):]}
     elif cfg.tokenizer_fit == "pretrain":
         tok.fit(ml_emb)
-        codes = {"movies": tok.codes, "books": tok.encode(bx_emb)}  # books never collide with movies
+        codes = {"movies": tok.codes, "books": tok.for_catalog(bx_emb).codes}  # never a movie's ID
     else:
         raise ValueError(f"tokenizer_fit must be 'all' or 'pretrain', got {cfg.tokenizer_fit!r}")
     tok.save(out / "tokenizer")

@@ -15,6 +15,7 @@ is ``4 + l*K + c`` — one vocabulary shared by every domain.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -96,6 +97,18 @@ def _as_numpy_embeddings(x, name: str = "embeddings") -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError(f"{name}: contains NaN or Inf")
     return x
+
+
+def centre_embeddings(embeddings) -> np.ndarray:
+    """One catalog's embeddings minus their mean, re-normalised to unit length (float32).
+
+    Centre each domain on its own mean before tokenizing: the words its template shares with
+    every item (``Describe a movie: ...``) otherwise dominate the first level, so two domains
+    would share no first-level concept.
+    """
+    x = _as_numpy_embeddings(embeddings)
+    x = x - x.mean(0, keepdims=True)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 
 def _group_rank(keys: np.ndarray, order_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,10 +200,24 @@ class ItemTokenizer:
         take an ID that an item of the fitted catalog already has, so the two catalogs can
         share one trie.
         """
+        return self._encode(_as_numpy_embeddings(embeddings), avoid_fitted)[1]
+
+    def _encode(self, x: np.ndarray, avoid_fitted: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(semantic IDs before de-duplication, unique IDs) of a catalog's embeddings."""
         self._check_fitted()
-        x = _as_numpy_embeddings(embeddings)
         semantic = np.asarray(self.quantizer.encode(x), dtype=np.int64)
-        return self._make_unique(x, semantic, registry=self.codes if avoid_fitted else None)
+        return semantic, self._make_unique(x, semantic, registry=self.codes if avoid_fitted else None)
+
+    def for_catalog(self, embeddings) -> "ItemTokenizer":
+        """A tokenizer of another catalog (a new domain) on these codebooks: same vocabulary and
+        concept content, IDs from :meth:`encode` (unique, never an ID of this catalog's items)
+        and a health report of the new catalog. This one is left unchanged."""
+        x = _as_numpy_embeddings(embeddings)
+        semantic, codes = self._encode(x, avoid_fitted=True)
+        new = copy.copy(self)
+        new.codes = codes
+        new._report = new._health(x, semantic)
+        return new
 
     def decode(self, codes) -> np.ndarray:
         """Reconstructed embeddings of (N, id_length) concept IDs (disambiguation level ignored)."""
