@@ -6,19 +6,26 @@ import pandas as pd
 
 from recbase.cli import main
 
+GENRES = ["Drama", "Comedy", "Action", "Horror", "Romance"]
+
+
+def movie_items() -> pd.DataFrame:
+    return pd.DataFrame({"item_id": [f"m{i}" for i in range(40)],
+                         "title": [f"Film number {i}" for i in range(40)],
+                         "genres": [GENRES[i % 5] for i in range(40)]})
+
+
+def walks(rng, prefix: str, n: int, users: int) -> pd.DataFrame:
+    """Interactions: each user walks the catalog in steps of 1 from a random start, 6 items."""
+    rows = []
+    for u in range(users):
+        start = int(rng.integers(n))
+        rows += [(f"u{u}", f"{prefix}{(start + t) % n}", t) for t in range(6)]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+
 
 def test_cli_round_trip_on_user_files(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    genres = ["Drama", "Comedy", "Action", "Horror", "Romance"]
-    items = pd.DataFrame({"item_id": [f"m{i}" for i in range(40)],
-                          "title": [f"Film number {i}" for i in range(40)],
-                          "genres": [genres[i % 5] for i in range(40)]})
-    rows = []
-    for u in range(30):
-        start = int(rng.integers(40))
-        for t in range(6):  # users walk the catalog in steps of 1
-            rows.append((f"u{u}", f"m{(start + t) % 40}", t))
-    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    items, inter = movie_items(), walks(np.random.default_rng(0), "m", 40, 30)
     items.to_csv(tmp_path / "items.csv", index=False)
     inter.to_csv(tmp_path / "inter.csv", index=False)
     tok, model = tmp_path / "tok", tmp_path / "model"
@@ -46,25 +53,13 @@ def test_cli_round_trip_on_user_files(tmp_path, capsys):
 def test_cli_zero_shot_in_a_new_domain(tmp_path, capsys):
     """pretrain with content -> tokenize a new catalog on the same codebooks -> read it unseen."""
     rng = np.random.default_rng(1)
-    genres = ["Drama", "Comedy", "Action", "Horror", "Romance"]
-    movies = pd.DataFrame({"item_id": [f"m{i}" for i in range(40)],
-                           "title": [f"Film number {i}" for i in range(40)],
-                           "genres": [genres[i % 5] for i in range(40)]})
     books = pd.DataFrame({"item_id": [f"b{i}" for i in range(30)],
-                          "title": [f"Novel {i} of the {genres[i % 5].lower()} shelf" for i in range(30)],
+                          "title": [f"Novel {i} of the {GENRES[i % 5].lower()} shelf" for i in range(30)],
                           "author": [f"Author {i % 7}" for i in range(30)]})
-
-    def walks(prefix, n, users):
-        rows = []
-        for u in range(users):
-            start = int(rng.integers(n))
-            rows += [(f"u{u}", f"{prefix}{(start + t) % n}", t) for t in range(6)]
-        return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
-
-    movies.to_csv(tmp_path / "movies.csv", index=False)
+    movie_items().to_csv(tmp_path / "movies.csv", index=False)
     books.to_csv(tmp_path / "books.csv", index=False)
-    walks("m", 40, 30).to_csv(tmp_path / "movie_inter.csv", index=False)
-    walks("b", 30, 20).to_csv(tmp_path / "book_inter.csv", index=False)
+    walks(rng, "m", 40, 30).to_csv(tmp_path / "movie_inter.csv", index=False)
+    walks(rng, "b", 30, 20).to_csv(tmp_path / "book_inter.csv", index=False)
     mtok, btok, model, plain = (tmp_path / n for n in ("mtok", "btok", "model", "plain"))
     m_args = ["--items", str(tmp_path / "movies.csv"), "--domain", "movies"]
     b_args = ["--items", str(tmp_path / "books.csv"), "--domain", "books"]
