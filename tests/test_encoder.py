@@ -49,6 +49,12 @@ def test_cache_roundtrip_and_dedup(tmp_path):
     # a different max_length is a different cache key
     other = TextEncoder(cache_dir=tmp_path, progress=False, max_length=8)
     assert other.cache_dir != enc.cache_dir
+    # so is a different dtype: its vectors are computed, never read from the float32 entries
+    wide = TextEncoder(cache_dir=tmp_path, progress=False, dtype=torch.float64)
+    assert wide.cache_dir != enc.cache_dir
+    w = wide.encode(TEXTS[:2])
+    assert wide.last_stats["encoded"] == 2
+    np.testing.assert_allclose(w, a[:2], atol=1e-5)
 
 
 def _tiny_model_dir(tmp_path):

@@ -399,7 +399,8 @@ def test_custom_ops_pass_opcheck():
 
 @pytest.mark.parametrize("mask", ["causal", "item"])
 def test_reference_einsum_fallback_equals_fused_cpu_path(mask, monkeypatch):
-    """The einsum reference (used off-CPU when Triton is missing) == the ATen fused CPU path."""
+    """The einsum reference (used off-CPU when Triton is missing) == the ATen fused CPU path,
+    with and without the forward's saved out/lse."""
     import recbase.ops.attention as ops
 
     gen = torch.Generator().manual_seed(20)
@@ -412,10 +413,12 @@ def test_reference_einsum_fallback_equals_fused_cpu_path(mask, monkeypatch):
     k, v = (torch.randn(n, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
     fused = ops._attention_reference_fwd(q, k, v, cu, item, mask, 0.4)
     dfused = ops._attention_reference_bwd(g, q, k, v, cu, item, mask, 0.4)
+    # the backward fed the forward's out/lse (no recomputation; padded rows get lse = +inf)
+    dsaved = ops._attention_reference_bwd(g, q, k, v, cu, item, mask, 0.4, *fused)
     monkeypatch.setattr(ops, "_flash_cpu_ok", lambda t: False)
     plain = ops._attention_reference_fwd(q, k, v, cu, item, mask, 0.4)
     dplain = ops._attention_reference_bwd(g, q, k, v, cu, item, mask, 0.4)
-    for a, b in zip(fused + dfused, plain + dplain):
+    for a, b in zip(fused + dfused + dsaved, plain + dplain + dplain):
         torch.testing.assert_close(a, b)
 
 

@@ -63,6 +63,8 @@ class TextEncoder:
             ``~/.cache/recbase``).
         normalize: L2-normalise the pooled vectors.
         progress: show a tqdm bar while encoding.
+        dtype: torch dtype to run the encoder in (default: as saved, float32); a different
+            dtype gives (slightly) different vectors, so it is part of the cache key.
     """
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "cpu",
@@ -90,6 +92,8 @@ class TextEncoder:
         self._dtype = dtype
         # the key names everything that changes the vector
         self.model_key = f"{model_key}|max_length={max_length}|mean|norm={int(normalize)}"
+        if dtype is not None:  # left out for the default so existing caches stay valid
+            self.model_key += f"|dtype={str(dtype).removeprefix('torch.')}"
         if cache_dir == "auto":
             from ..datasets import cache_root
             cache_dir = cache_root() / "embeddings"

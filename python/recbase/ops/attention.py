@@ -197,8 +197,9 @@ def _attention_reference_fwd_group(q, k, v, cu, item, mask: str, scale: float):
     return out[seq, pos].to(q.dtype), lse.transpose(1, 2)[seq, pos]
 
 
-def _attention_reference_bwd_group(dout, q, k, v, cu, item, mask: str, scale: float):
-    """Backward of the padded reference (dS = P * (dP - rowsum(dO * O)))."""
+def _attention_reference_bwd_group(dout, q, k, v, cu, item, mask: str, scale: float, out=None, lse=None):
+    """Backward of the padded reference (dS = P * (dP - rowsum(dO * O))). ``out``/``lse`` of
+    the forward ([N,H,D], [N,H]), when given, spare the fused CPU path a forward recomputation."""
     n, h, d = q.shape
     hkv = k.shape[1]
     g = h // hkv
@@ -206,8 +207,13 @@ def _attention_reference_bwd_group(dout, q, k, v, cu, item, mask: str, scale: fl
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if _flash_cpu_ok(q):
         qp, kp, vp, add, pad, seq, pos = _padded_group(q, k, v, cu, item, mask)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qp, kp, vp, 0.0, add is None, attn_mask=add, scale=scale)
+        if out is not None and lse is not None:
+            o = pad(out.to(q.dtype)).transpose(1, 2).contiguous()
+            # padded query rows: lse = +inf makes their probabilities exactly 0
+            lse = pad(lse.to(_lse_dtype(q)), fill=float("inf")).transpose(1, 2).contiguous()
+        else:
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qp, kp, vp, 0.0, add is None, attn_mask=add, scale=scale)
         dop = pad(dout.to(q.dtype)).transpose(1, 2).contiguous()
         dqp, dkp, dvp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dop, qp, kp, vp, o, lse, 0.0, add is None, attn_mask=add, scale=scale)
@@ -263,16 +269,17 @@ def _attention_reference_fwd(q, k, v, cu, item, mask: str, scale: float):
     return torch.cat(outs), torch.cat(lses)
 
 
-def _attention_reference_bwd(dout, q, k, v, cu, item, mask: str, scale: float):
+def _attention_reference_bwd(dout, q, k, v, cu, item, mask: str, scale: float, out=None, lse=None):
     """Reference backward (dq, dk, dv) over budget-sized groups of sequences."""
     groups = _reference_groups(cu, q.shape[1]) if cu.numel() > 1 else [(0, 0)]
     if len(groups) == 1:
-        return _attention_reference_bwd_group(dout, q, k, v, cu, item, mask, scale)
+        return _attention_reference_bwd_group(dout, q, k, v, cu, item, mask, scale, out, lse)
     parts = []
     for s, e in groups:
         a, b = int(cu[s]), int(cu[e])
-        parts.append(_attention_reference_bwd_group(dout[a:b], q[a:b], k[a:b], v[a:b], cu[s:e + 1] - cu[s],
-                                                    item[a:b], mask, scale))
+        parts.append(_attention_reference_bwd_group(
+            dout[a:b], q[a:b], k[a:b], v[a:b], cu[s:e + 1] - cu[s], item[a:b], mask, scale,
+            None if out is None else out[a:b], None if lse is None else lse[a:b]))
     return tuple(torch.cat(x) for x in zip(*parts))
 
 
@@ -309,7 +316,7 @@ def _concept_attention_bwd_op(
 
         return concept_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, item_index, mask, scale)
     with _no_autocast(q):
-        return _attention_reference_bwd(dout, q, k, v, cu_seqlens, item_index, mask, scale)
+        return _attention_reference_bwd(dout, q, k, v, cu_seqlens, item_index, mask, scale, out, lse)
 
 
 @_concept_attention_bwd_op.register_fake
