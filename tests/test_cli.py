@@ -3,8 +3,10 @@ import json
 
 import numpy as np
 import pandas as pd
+import torch
 
 from recbase.cli import main
+from recbase.train import pack_batches
 
 GENRES = ["Drama", "Comedy", "Action", "Horror", "Romance"]
 
@@ -33,10 +35,18 @@ def test_cli_round_trip_on_user_files(tmp_path, capsys):
     assert main(["tokenize", *common, "--fields", "Title=title,Genres=genres", "--levels", "2",
                  "--codebook-size", "8", "--output", str(tok)]) == 0
     assert json.loads((tok / "item_ids.json").read_text())[:2] == ["m0", "m1"]
-    assert main(["pretrain", *common, "--interactions", str(tmp_path / "inter.csv"),
-                 "--tokenizer", str(tok), "--preset", "tiny", "--max-items", "8", "--epochs", "2",
-                 "--output", str(model)]) == 0
+    pretrain = ["pretrain", *common, "--interactions", str(tmp_path / "inter.csv"),
+                "--tokenizer", str(tok), "--preset", "tiny", "--max-items", "8", "--epochs", "2"]
+    assert main([*pretrain, "--tokens-per-batch", "64", "--output", str(model)]) == 0
+    run = torch.load(model / "run" / "checkpoint.pt", weights_only=False)
+    assert run["config"]["tokens_per_batch"] == 64
+    # every user: 6 items -> 4 training items -> one sequence of BOS + 4 IDs; 2 epochs of <= 64 tokens
+    id_length = json.loads((model / "config.json").read_text())["levels"]
+    assert run["state"]["global_step"] == 2 * len(pack_batches([1 + 4 * id_length] * 30, 64, 0, 0))
     capsys.readouterr()
+    # a batch smaller than one sequence: a clear error naming the option, exit 2
+    assert main([*pretrain, "--tokens-per-batch", "8", "--output", str(tmp_path / "small")]) == 2
+    assert "tokens_per_batch=8" in capsys.readouterr().err
     assert main(["evaluate", *common, "--interactions", str(tmp_path / "inter.csv"),
                  "--tokenizer", str(tok), "--model", str(model)]) == 0
     metrics = json.loads(capsys.readouterr().out)
