@@ -43,7 +43,7 @@ _ROTATION_STREAM = 0x726F74  # and the content-rotation stream
 def random_rotation(dim: int, rng: np.random.Generator) -> torch.Tensor:
     """A Haar-random orthogonal [dim, dim] float32 matrix (QR of a Gaussian, signs fixed)."""
     # QR in torch, not numpy: numpy's BLAS threads keep spinning after the call and took the
-    # cores from the training step that followed (a rotated step ran ~2x slower on 2 cores)
+    # cores from the training step that followed (a rotated step ran 1.5x slower on 2 cores)
     q, r = torch.linalg.qr(torch.from_numpy(rng.standard_normal((dim, dim))))
     return (q * torch.sign(torch.diagonal(r))).to(torch.float32)
 
