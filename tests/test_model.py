@@ -333,8 +333,17 @@ def test_reference_attention_grouping_matches_single_group(monkeypatch):
     assert len(ops._reference_groups(cu, 2)) > 2
     split = ops._attention_reference_fwd(q, k, v, cu, item, "item", 0.3)
     dsplit = ops._attention_reference_bwd(g, q, k, v, cu, item, "item", 0.3)
-    for a, b in zip(whole + dwhole, split + dsplit):
+    # each group fed its slice of the forward's out/lse (an empty sequence included)
+    dsaved = ops._attention_reference_bwd(g, q, k, v, cu, item, "item", 0.3, *whole)
+    for a, b in zip(whole + dwhole + dsaved, split + dsplit + dwhole):
         torch.testing.assert_close(a, b)
+    # float32 (the training dtype): saved out/lse give the recomputing backward's gradients
+    f32 = [x.float() for x in (g, q, k, v)]
+    out32 = ops._attention_reference_fwd(*f32[1:], cu, item, "item", 0.3)
+    for a, b in zip(ops._attention_reference_bwd(*f32, cu, item, "item", 0.3, *out32),
+                    ops._attention_reference_bwd(*f32, cu, item, "item", 0.3)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_autocast_training_and_generation():
