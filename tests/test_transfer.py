@@ -59,6 +59,13 @@ def test_content_only_drops_free_rows_and_a_rotation_equals_rotated_vectors():
     with model.content_only():
         torch.testing.assert_close(model(ids, cu_seqlens=cu, output_logits=True).logits, turned,
                                    rtol=1e-4, atol=1e-5)
+    # a projection that is not a bare Linear (e.g. wrapped by an adapter) is turned by its input
+    model.concept_out = torch.nn.Sequential(model.concept_out)
+    model.model.concept_in = torch.nn.Sequential(model.model.concept_in)
+    model.set_concept_vectors(original.view(L, K, D)[:L - 1])
+    with model.content_only(R):
+        torch.testing.assert_close(model(ids, cu_seqlens=cu, output_logits=True).logits, turned,
+                                   rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="rotation: expected"):
         with model.content_only(torch.eye(D + 1)):
             pass

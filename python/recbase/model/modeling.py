@@ -245,8 +245,12 @@ def _with_content(free: torch.Tensor, project: nn.Module, vectors: torch.Tensor,
     if mode is None:
         return free + project(vectors)
     rotation = mode[0]
-    v = vectors if rotation is None else vectors @ rotation
-    return project(v) + 0.0 * free
+    if rotation is None:
+        return project(vectors) + 0.0 * free
+    if type(project) is nn.Linear and project.bias is None:
+        # project(v R) = v (W R^T)^T: turning the [H, d] weight costs H*d*d, the [L*K, d] vectors L*K*d*d
+        return F.linear(vectors, project.weight @ rotation.T) + 0.0 * free
+    return project(vectors @ rotation) + 0.0 * free  # e.g. a wrapped (adapted) projection
 
 
 class RecBaseModel(RecBasePreTrainedModel):
