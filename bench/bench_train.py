@@ -7,7 +7,7 @@ content, 2,048-token batches of 81-token sequences), in three modes measured sid
   as before 2026-12-02. numpy's BLAS threads keep spinning after the call and take the cores from
   the step that follows; the ratio column shows what drawing it with torch saves.
 * ``rotated, turned vectors + AdamW per tensor`` (second anchor): the rotated step as of
-  2026-12-02 morning: the [L*K, d] content vectors turned instead of the [H, d] projection, and
+  commit becaed4 (2026-12-02): the [L*K, d] content vectors turned instead of the [H, d] projection, and
   AdamW updating one parameter at a time instead of fused.
 
     python -m pytest bench/bench_train.py -q -s
