@@ -1,5 +1,5 @@
 """One pretraining step of the demo's model (hidden 128, 2 layers, 4-token items, 384-d concept
-content, 2,048-token batches of 81-token sequences), in three modes measured side by side:
+content, 2,048-token batches of 81-token sequences), in four modes measured side by side:
 
 * ``plain``: a step that reads concepts by free row + content;
 * ``rotated``: a content-only step under a fresh Haar rotation (``content_rotation_rate = 1``);
@@ -8,7 +8,8 @@ content, 2,048-token batches of 81-token sequences), in three modes measured sid
   the step that follows; the ratio column shows what drawing it with torch saves.
 * ``rotated, turned vectors + AdamW per tensor`` (second anchor): the rotated step as of
   commit becaed4 (2026-12-02): the [L*K, d] content vectors turned instead of the [H, d] projection, and
-  AdamW updating one parameter at a time instead of fused.
+  AdamW updating one parameter at a time instead of fused (the clipping and target counting of
+  this version stay, so the second ratio slightly understates the whole change).
 
     python -m pytest bench/bench_train.py -q -s
 """

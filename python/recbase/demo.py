@@ -48,7 +48,7 @@ class DemoConfig:
     preset: str = "small"
     hidden_size: int = 128
     num_layers: int = 2
-    max_items: int = 15  # items of context; 15 beat 20 and 50 on validation (docs/results.md)
+    max_items: int = 15  # training windows and history read; chosen on validation (docs/results.md)
     train_items_per_user: int | None = 60  # most recent training items per user used to pretrain
     epochs: int = 4
     tokens_per_batch: int = 2048  # small batches learn faster per second here (docs/results.md)
