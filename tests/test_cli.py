@@ -97,7 +97,8 @@ def test_cli_zero_shot_in_a_new_domain(tmp_path, capsys):
 
     pre = ["pretrain", *m_args, "--interactions", str(tmp_path / "movie_inter.csv"), "--tokenizer", str(mtok),
            "--preset", "tiny", "--max-items", "8", "--epochs", "2"]
-    assert main([*pre, "--content-rotation-rate", "0.5", "--output", str(model)]) == 0
+    assert main([*pre, "--content-rotation-rate", "0.5", "--recent-pass-epochs", "1", "--output", str(model)]) == 0
+    assert (model / "recent-pass" / "checkpoint.pt").exists()
     capsys.readouterr()
     on_books = [*b_args, "--tokenizer", str(btok), "--model", str(model), "--unseen"]
     assert main(["evaluate", *on_books, "--interactions", str(tmp_path / "book_inter.csv")]) == 0

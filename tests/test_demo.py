@@ -28,4 +28,6 @@ def test_quick_demo_end_to_end(tmp_path):
     ours = rows[("movies", "recbase (pretrained)")]
     assert ours["ndcg@10"] > rows[("movies", "popularity")]["ndcg@10"]
     assert result["tokenizer"]["unique_after_dedup"]
+    # the closing pass over each user's latest window ran once, after pretraining
+    assert len(result["recent_pass_history"]) == 1 and (out / "recent-pass" / "checkpoint.pt").exists()
     assert json.loads((out / "config.json").read_text())["epochs"] == 1

@@ -92,7 +92,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from recbase import datasets
     from recbase.data.splits import leave_one_out
     from recbase.model import RecBaseConfig, RecBaseForCausalLM
-    from recbase.train import Trainer, TrainConfig, pretraining_sequences
+    from recbase.train import Trainer, TrainConfig, pretraining_sequences, recent_pass
 
     tok, index = _catalog(Path(args.tokenizer))
     data = datasets.from_files(args.items, args.interactions, domain=args.domain)
@@ -110,6 +110,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     Trainer(model, train, valid, TrainConfig(epochs=args.epochs, lr=args.lr, device=args.device, seed=args.seed,
                                              content_rotation_rate=args.content_rotation_rate, **batch),
             output_dir=out / "run").fit()
+    if args.recent_pass_epochs:
+        recent_pass(model, split, tok.tokens(tok.codes), tok.vocab.BOS, args.max_items, valid,
+                    epochs=args.recent_pass_epochs, seed=args.seed + 1, device=args.device,
+                    output_dir=out / "recent-pass", **batch)
     model.save_pretrained(out)
     print(f"model saved to {out}")
     return 0
@@ -202,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--content-rotation-rate", type=float, default=0.0,
                    help="> 0: give concepts their codebook content and read this share of steps by content "
                         "alone, randomly rotated, so the model can go zero-shot (the demo uses 0.5)")
+    s.add_argument("--recent-pass-epochs", type=int, default=0,
+                   help="then pass this often over each user's latest --max-items items, concepts read "
+                        "normally, at lr 5e-4 (the demo uses 1; see recbase.train.recent_pass)")
     s.add_argument("--output", required=True)
     s.set_defaults(func=_cmd_pretrain)
 

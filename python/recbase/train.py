@@ -156,6 +156,25 @@ def pretraining_sequences(split, item_tokens: np.ndarray, bos: int, max_items: i
     return train, valid
 
 
+def recent_pass(model, split, item_tokens: np.ndarray, bos: int, max_items: int, valid: Sequence, *,
+                epochs: int = 1, lr: float = 5e-4, tokens_per_batch: int = 2048, seed: int = 1,
+                device: str = "cpu", progress: bool = True, output_dir=None) -> dict:
+    """The closing pass of pretraining: ``epochs`` passes over every user's most recent window
+    (its last ``max_items`` training items) with the concepts read normally -- no rotated
+    content-only steps -- at a low learning rate, warm-up 10 steps + cosine. Returns the
+    ``Trainer`` state (``history`` holds the validation loss on ``valid``).
+
+    Why: pretraining spreads its steps over older windows and, for zero-shot transfer, reads half
+    of them by rotated content alone; the next item depends most on the latest ones. On the
+    demo's ML-1M validation users one pass (184 steps, ~33 s on 2 cores) raised NDCG@10 from
+    0.108 to 0.123 while the zero-shot books numbers stayed within noise (docs/results.md).
+    """
+    train, _ = pretraining_sequences(split, item_tokens, bos, max_items, recent=max_items, valid_users=[])
+    cfg = TrainConfig(epochs=epochs, tokens_per_batch=tokens_per_batch, lr=lr, warmup_steps=10, seed=seed,
+                      device=device, progress=progress)
+    return Trainer(model, train, valid, cfg, output_dir=output_dir).fit()
+
+
 def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
