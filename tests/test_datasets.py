@@ -177,21 +177,22 @@ def _brute_kcore(inter, uk, ik):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_kcore_is_fixed_point_and_maximal(seed):
+@pytest.mark.parametrize("uk,ik", [(3, 3), (4, 2), (0, 3)])
+def test_kcore_is_fixed_point_and_maximal(seed, uk, ik):
     rng = np.random.default_rng(seed)
     items, inter = _frames(rng, n_items=15, n_users=40)
     ds = rd.from_frames(items, inter, "movies")
     try:
-        core = ds.kcore(3, 3)
+        core = ds.kcore(uk, ik)
     except ValueError:
-        assert len(_brute_kcore(ds.interactions, 3, 3)) == 0
+        assert len(_brute_kcore(ds.interactions, uk, ik)) == 0
         return
-    ref = _brute_kcore(ds.interactions, 3, 3)
+    ref = _brute_kcore(ds.interactions, uk, ik)
     # the k-core is unique: the same rows as the simultaneous-removal reference
     assert sorted(map(tuple, core.interactions[["user_id", "item_id", "timestamp"]].values.tolist())) == \
         sorted(map(tuple, ref[["user_id", "item_id", "timestamp"]].values.tolist()))
-    assert core.interactions["user_id"].value_counts().min() >= 3
-    assert core.interactions["item_id"].value_counts().min() >= 3
+    assert core.interactions["user_id"].value_counts().min() >= uk
+    assert core.interactions["item_id"].value_counts().min() >= ik
     assert set(core.items["item_id"]) == set(core.interactions["item_id"])
 
 

@@ -7,7 +7,8 @@
     recbase evaluate  --items I --interactions X --tokenizer DIR --model DIR
     recbase recommend --items I --tokenizer DIR --model DIR --history ID [ID ...]
 
-Zero-shot in a new domain: pretrain with ``--content-rotation-rate 0.5``, tokenize the new
+Zero-shot in a new domain: pretrain with ``--content-rotation-rate 0.5`` (the demo adds
+``--recent-pass-epochs 1``: one unrotated pass over each user's latest items), tokenize the new
 catalog on the pretraining tokenizer's codebooks (``tokenize --codebooks DIR``), then
 ``evaluate`` / ``recommend`` with ``--unseen`` (the domain is read by concept content alone).
 

