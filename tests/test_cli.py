@@ -97,6 +97,9 @@ def test_cli_zero_shot_in_a_new_domain(tmp_path, capsys):
 
     pre = ["pretrain", *m_args, "--interactions", str(tmp_path / "movie_inter.csv"), "--tokenizer", str(mtok),
            "--preset", "tiny", "--max-items", "8", "--epochs", "2"]
+    assert main([*pre, "--recent-pass-epochs", "-1", "--output", str(tmp_path / "bad")]) == 2
+    assert "--recent-pass-epochs must be >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any training
     assert main([*pre, "--content-rotation-rate", "0.5", "--recent-pass-epochs", "1", "--output", str(model)]) == 0
     assert (model / "recent-pass" / "checkpoint.pt").exists()
     capsys.readouterr()

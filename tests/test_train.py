@@ -236,3 +236,7 @@ def test_recent_pass_trains_each_users_latest_window_unrotated():
 
     fresh = Trainer(tiny_model(content_dim=6), by_hand, valid, cfg)
     assert state["history"][-1]["valid_loss"] < fresh.validate()
+
+    for bad in ({"epochs": 0}, {"epochs": -1}, {"epochs": 1.5}, {"lr": 0.0}):
+        with pytest.raises(ValueError, match="recent_pass: " + next(iter(bad))):
+            recent_pass(tiny_model(), split, item_tokens, 1, max_items, valid, **{**kw, **bad})

@@ -95,6 +95,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from recbase.model import RecBaseConfig, RecBaseForCausalLM
     from recbase.train import Trainer, TrainConfig, pretraining_sequences, recent_pass
 
+    if args.recent_pass_epochs < 0:  # refused before pretraining, not after it
+        raise ValueError(f"--recent-pass-epochs must be >= 0, got {args.recent_pass_epochs}")
     tok, index = _catalog(Path(args.tokenizer))
     data = datasets.from_files(args.items, args.interactions, domain=args.domain)
     split = leave_one_out(data, index)
