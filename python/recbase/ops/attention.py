@@ -116,25 +116,23 @@ def _seq_layout(cu: torch.Tensor, n: int):
     return seq, pos, lens
 
 
-def _padder(cu: torch.Tensor, n: int):
-    """Scatter of packed rows into a padded [B, T, ...] batch: (pad, seq, pos, lens, T).
-    ``pad.rows`` = seq * T + pos, each packed row's row in the flattened [B*T, ...] batch."""
-    seq, pos, lens = _seq_layout(cu, n)
-    b, t = cu.numel() - 1, int(lens.max())
-    rows = seq * t + pos
+class _Padding:
+    """Layout of packed rows [N, ...] in a padded [B, T, ...] batch. ``rows`` = seq * T + pos,
+    each packed row's row in the flattened [B*T, ...] batch."""
 
-    def pad(x, fill=0):
-        out = x.new_full((b * t,) + tuple(x.shape[1:]), fill)
-        out.index_copy_(0, rows, x)  # one flat copy, then views: no two-index scatter
-        return out.view((b, t) + tuple(x.shape[1:]))
+    def __init__(self, cu: torch.Tensor, n: int):
+        self.seq, self.pos, self.lens = _seq_layout(cu, n)
+        self.b, self.t = cu.numel() - 1, int(self.lens.max())
+        self.rows = self.seq * self.t + self.pos
 
-    pad.rows = rows
-    return pad, seq, pos, lens, t
+    def pad(self, x: torch.Tensor, fill=0) -> torch.Tensor:
+        out = x.new_full((self.b * self.t,) + tuple(x.shape[1:]), fill)
+        out.index_copy_(0, self.rows, x)  # one flat copy, then views: no two-index scatter
+        return out.view((self.b, self.t) + tuple(x.shape[1:]))
 
-
-def _unpad(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[B, T, ...] padded (a view of contiguous [B*T, ...] memory: no copy) -> packed [N, ...]."""
-    return x.reshape((-1,) + tuple(x.shape[2:])).index_select(0, rows)
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] (a view of contiguous [B*T, ...] memory: no copy) -> packed [N, ...]."""
+        return x.reshape((-1,) + tuple(x.shape[2:])).index_select(0, self.rows)
 
 
 def _padded_scores(q, k, cu, item, mask, scale):
@@ -142,22 +140,23 @@ def _padded_scores(q, k, cu, item, mask, scale):
     n, h, d = q.shape
     hkv = k.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    pad, seq, pos, lens, t = _padder(cu, n)
-    qp = pad(q.to(acc))  # [B,T,H,D]
-    kp = pad(k.to(acc)).repeat_interleave(h // hkv, dim=2)
+    pad = _Padding(cu, n)
+    t = pad.t
+    qp = pad.pad(q.to(acc))  # [B,T,H,D]
+    kp = pad.pad(k.to(acc)).repeat_interleave(h // hkv, dim=2)
     ar = torch.arange(t, device=q.device)
-    valid = ar[None, :] < lens[:, None]  # [B,T]
+    valid = ar[None, :] < pad.lens[:, None]  # [B,T]
     if mask == "causal":
         allowed = ar[None, :, None] >= ar[None, None, :]  # [1,Tq,Tk]
     else:
-        ip = pad(item.to(torch.int64), fill=-1)
+        ip = pad.pad(item.to(torch.int64), fill=-1)
         allowed = ip[:, None, :] <= ip[:, :, None]
     allowed = allowed & valid[:, None, :]
     # padded query rows attend to themselves only (keeps them finite; they are dropped)
     allowed = allowed | (~valid[:, :, None] & torch.eye(t, dtype=torch.bool, device=q.device))
     scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp) * scale
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return scores, qp, kp, pad, seq, pos, acc
+    return scores, qp, kp, pad, acc
 
 
 def _flash_cpu_ok(q: torch.Tensor) -> bool:
@@ -171,16 +170,15 @@ def _padded_group(q, k, v, cu, item, mask):
     (causal: they come after them; item: their item slot is +huge); padded query rows are dropped."""
     n, h, _ = q.shape
     g = h // k.shape[1]
-    b = cu.numel() - 1
-    pad, seq, pos, lens, t = _padder(cu, n)
+    pad = _Padding(cu, n)
     add = None
     if mask == "item":
-        ip = pad(item.to(torch.int64), fill=torch.iinfo(torch.int64).max)
+        ip = pad.pad(item.to(torch.int64), fill=torch.iinfo(torch.int64).max)
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
         add = torch.where(ip[:, None, :] <= ip[:, :, None], zero, zero - float("inf"))[:, None]
 
     def heads(x, rep):  # a [B,H,T,D] view of [B,T,H,D] memory: the fused kernels take the strides
-        x = pad(x)
+        x = pad.pad(x)
         return (x.repeat_interleave(rep, dim=2) if rep > 1 else x).transpose(1, 2)
 
     return heads(q, 1), heads(k, g), heads(v, g), add, pad
@@ -196,13 +194,13 @@ def _attention_reference_fwd_group(q, k, v, cu, item, mask: str, scale: float):
         qp, kp, vp, add, pad = _padded_group(q, k, v, cu, item, mask)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qp, kp, vp, 0.0, add is None, attn_mask=add, scale=scale)
-        return _unpad(o.transpose(1, 2), pad.rows).to(q.dtype), _unpad(lse.transpose(1, 2), pad.rows).to(acc)
-    scores, _, _, pad, seq, pos, acc = _padded_scores(q, k, cu, item, mask, scale)
-    vp = pad(v.to(acc)).repeat_interleave(h // k.shape[1], dim=2)
+        return pad.unpad(o.transpose(1, 2)).to(q.dtype), pad.unpad(lse.transpose(1, 2)).to(acc)
+    scores, _, _, pad, acc = _padded_scores(q, k, cu, item, mask, scale)
+    vp = pad.pad(v.to(acc)).repeat_interleave(h // k.shape[1], dim=2)
     lse = torch.logsumexp(scores, dim=-1)  # [B,H,T]
     p = torch.exp(scores - lse[..., None])
     out = torch.einsum("bhqk,bkhd->bqhd", p, vp)
-    return out[seq, pos].to(q.dtype), lse.transpose(1, 2)[seq, pos]
+    return out[pad.seq, pad.pos].to(q.dtype), lse.transpose(1, 2)[pad.seq, pad.pos]
 
 
 def _attention_reference_bwd_group(dout, q, k, v, cu, item, mask: str, scale: float, out=None, lse=None):
@@ -216,32 +214,31 @@ def _attention_reference_bwd_group(dout, q, k, v, cu, item, mask: str, scale: fl
     if _flash_cpu_ok(q):
         qp, kp, vp, add, pad = _padded_group(q, k, v, cu, item, mask)
         if out is not None and lse is not None:
-            o = pad(out.to(q.dtype)).transpose(1, 2)
+            o = pad.pad(out.to(q.dtype)).transpose(1, 2)
             # padded query rows: lse = +inf makes their probabilities exactly 0
-            lse = pad(lse.to(_lse_dtype(q)), fill=float("inf")).transpose(1, 2)
+            lse = pad.pad(lse.to(_lse_dtype(q)), fill=float("inf")).transpose(1, 2)
         else:
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qp, kp, vp, 0.0, add is None, attn_mask=add, scale=scale)
-        dop = pad(dout.to(q.dtype)).transpose(1, 2)
+        dop = pad.pad(dout.to(q.dtype)).transpose(1, 2)
         dqp, dkp, dvp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dop, qp, kp, vp, o, lse, 0.0, add is None, attn_mask=add, scale=scale)
-        rows = pad.rows
-        dq = _unpad(dqp.transpose(1, 2), rows)
-        dk = _unpad(dkp.transpose(1, 2), rows).reshape(n, hkv, g, d).sum(2)
-        dv = _unpad(dvp.transpose(1, 2), rows).reshape(n, hkv, g, d).sum(2)
+        dq = pad.unpad(dqp.transpose(1, 2))
+        dk = pad.unpad(dkp.transpose(1, 2)).reshape(n, hkv, g, d).sum(2)
+        dv = pad.unpad(dvp.transpose(1, 2)).reshape(n, hkv, g, d).sum(2)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    scores, qp, kp, pad, seq, pos, acc = _padded_scores(q, k, cu, item, mask, scale)
-    vp = pad(v.to(acc)).repeat_interleave(g, dim=2)
-    dop = pad(dout.to(acc))
+    scores, qp, kp, pad, acc = _padded_scores(q, k, cu, item, mask, scale)
+    vp = pad.pad(v.to(acc)).repeat_interleave(g, dim=2)
+    dop = pad.pad(dout.to(acc))
     p = torch.softmax(scores, dim=-1)  # [B,H,Tq,Tk]
     dvp = torch.einsum("bhqk,bqhd->bkhd", p, dop)
     dp = torch.einsum("bqhd,bkhd->bhqk", dop, vp)
     ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
     dqp = torch.einsum("bhqk,bkhd->bqhd", ds, kp)
     dkp = torch.einsum("bhqk,bqhd->bkhd", ds, qp)
-    dq = dqp[seq, pos]
-    dk = dkp[seq, pos].view(n, hkv, g, d).sum(2)
-    dv = dvp[seq, pos].view(n, hkv, g, d).sum(2)
+    dq = dqp[pad.seq, pad.pos]
+    dk = dkp[pad.seq, pad.pos].view(n, hkv, g, d).sum(2)
+    dv = dvp[pad.seq, pad.pos].view(n, hkv, g, d).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
