@@ -1,5 +1,6 @@
-"""One pretraining step of the demo's model (hidden 128, 2 layers, 4-token items, 384-d concept
-content, 2,048-token batches of 81-token sequences), in four modes measured side by side:
+"""One pretraining step of a demo-sized model (hidden 128, 2 layers, 4-token items, 384-d concept
+content, 2,048-token batches of 81-token sequences; the demo itself now uses 3-token IDs), in four
+modes measured side by side:
 
 * ``plain``: a step that reads concepts by free row + content;
 * ``rotated``: a content-only step under a fresh Haar rotation (``content_rotation_rate = 1``);

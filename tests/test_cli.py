@@ -117,3 +117,39 @@ def test_cli_zero_shot_in_a_new_domain(tmp_path, capsys):
     assert main(["recommend", *b_args, "--tokenizer", str(btok), "--model", str(plain), "--unseen",
                  "--history", "b3"]) == 2
     assert "concept vectors" in capsys.readouterr().err
+
+
+def test_cli_tokenize_reassign_gives_ids_of_levels_tokens(tmp_path, capsys):
+    """--dedup reassign: IDs of `levels` tokens, unique; an item whose tuple no other item shares
+    keeps its nearest codewords (float64 brute force); the pipeline runs on such IDs."""
+    from recbase.tokenizer import ItemTokenizer
+    items, inter = movie_items(), walks(np.random.default_rng(2), "m", 40, 30)
+    items.to_csv(tmp_path / "items.csv", index=False)
+    inter.to_csv(tmp_path / "inter.csv", index=False)
+    tok_dir, model = tmp_path / "tok", tmp_path / "model"
+    common = ["--items", str(tmp_path / "items.csv"), "--domain", "movies"]
+    assert main(["tokenize", *common, "--fields", "Title=title,Genres=genres", "--levels", "2",
+                 "--codebook-size", "8", "--dedup", "reassign", "--output", str(tok_dir)]) == 0
+    tok = ItemTokenizer.load(tok_dir)
+    assert tok.dedup == "reassign" and tok.id_length == 2 and tok.codes.shape == (40, 2)
+    assert len({tuple(c) for c in tok.codes}) == 40
+    cb = np.asarray(tok.quantizer.codebooks, dtype=np.float64)
+    residual, semantic = np.load(tok_dir / "embeddings.npy").astype(np.float64), []
+    for level in range(2):
+        k = ((residual[:, None, :] - cb[level][None]) ** 2).sum(-1).argmin(1)
+        semantic.append(k)
+        residual -= cb[level][k]
+    semantic = np.stack(semantic, 1)
+    _, inverse, counts = np.unique(semantic, axis=0, return_inverse=True, return_counts=True)
+    alone = counts[inverse.reshape(-1)] == 1
+    assert alone.any() and (~alone).any()  # both kinds occur with 40 items on 8 x 8 codes
+    np.testing.assert_array_equal(tok.codes[alone], semantic[alone])
+    np.testing.assert_array_equal(tok.codes[:, 0], semantic[:, 0])  # only the last level moves
+    assert main(["pretrain", *common, "--interactions", str(tmp_path / "inter.csv"), "--tokenizer", str(tok_dir),
+                 "--preset", "tiny", "--max-items", "8", "--epochs", "1", "--tokens-per-batch", "64",
+                 "--output", str(model)]) == 0
+    capsys.readouterr()
+    assert main(["recommend", *common, "--tokenizer", str(tok_dir), "--model", str(model),
+                 "--history", "m0", "m1", "m2", "-k", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and all(line.split()[-1] in set(items["item_id"]) for line in lines)

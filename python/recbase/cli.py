@@ -69,7 +69,8 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     if args.codebooks:  # a new domain on an existing vocabulary (zero-shot)
         tok = ItemTokenizer.load(args.codebooks).for_catalog(emb)
     else:
-        tok = ItemTokenizer(levels=args.levels, codebook_size=args.codebook_size, seed=args.seed).fit(emb)
+        tok = ItemTokenizer(levels=args.levels, codebook_size=args.codebook_size, dedup=args.dedup,
+                            seed=args.seed).fit(emb)
     out = Path(args.output)
     tok.save(out)
     (out / "item_ids.json").write_text(json.dumps(items["item_id"].astype(str).tolist()))
@@ -191,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fields", default=None, help="template fields, e.g. 'Title=title,Year=year'")
     s.add_argument("--levels", type=int, default=3)
     s.add_argument("--codebook-size", type=int, default=256)
+    s.add_argument("--dedup", choices=("extra_level", "reassign"), default="extra_level",
+                   help="how items sharing a tuple get unique IDs: one more level numbering them "
+                        "(IDs of levels + 1 tokens), or moving all but one to the nearest free "
+                        "last-level code (IDs of levels tokens)")
     s.add_argument("--codebooks", default=None,
                    help="tokenizer folder whose codebooks to reuse (a new domain, zero-shot) instead of fitting")
     s.add_argument("--output", required=True)

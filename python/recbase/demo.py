@@ -4,8 +4,9 @@
 2. Write every item in its domain's template and embed it with the local text encoder.
 3. Centre each domain's embeddings on its own mean (the template's domain words otherwise
    dominate the first level), fit the ItemTokenizer on the item texts of both catalogs (text
-   only: no book interaction is read) -> unique concept IDs over one shared vocabulary, whose
-   codebook vectors become the concepts' content.
+   only: no book interaction is read) -> unique 3-token concept IDs over one shared vocabulary
+   (items sharing a tuple move to the nearest free last-level code), whose codebook vectors
+   become the concepts' content.
 4. Pretrain a RecBase model on movie interaction sequences only; a share of its steps reads the
    concepts by content alone under a random rotation (``content_rotation_rate``), which is what
    lets it read the books -- concepts it never trained on -- by content alone. A closing pass
@@ -44,6 +45,7 @@ class DemoConfig:
     # "pretrain" on the movies only (books then reuse movie concepts)
     levels: int = 3
     codebook_size: int = 256
+    dedup: str = "reassign"  # 3-token IDs, every token with content (docs/results.md, fourth round)
     tokenizer_fit: str = "all"
     # model + pretraining
     preset: str = "small"
@@ -51,7 +53,7 @@ class DemoConfig:
     num_layers: int = 2
     max_items: int = 15  # training windows and history read; chosen on validation (docs/results.md)
     train_items_per_user: int | None = 60  # most recent training items per user used to pretrain
-    epochs: int = 4
+    epochs: int = 5
     tokens_per_batch: int = 2048  # small batches learn faster per second here (docs/results.md)
     lr: float = 2e-3
     content_rotation_rate: float = 0.5  # share of steps read by content alone, randomly rotated
@@ -118,7 +120,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 3. one tokenizer over both catalogs' item text -------------------------------------------
     ml_emb, bx_emb = centre_embeddings(ml_emb), centre_embeddings(bx_emb)
-    tok = ItemTokenizer(levels=cfg.levels, codebook_size=cfg.codebook_size, seed=cfg.seed)
+    tok = ItemTokenizer(levels=cfg.levels, codebook_size=cfg.codebook_size, dedup=cfg.dedup, seed=cfg.seed)
     if cfg.tokenizer_fit == "all":
         tok.fit(np.concatenate([ml_emb, bx_emb]))
         codes = {"movies": tok.codes[:len(ml_emb)], "books": tok.codes[len(ml_emb):]}
