@@ -2,6 +2,7 @@
 
     recbase info                                   what this install can do
     recbase demo [--output DIR] [--device cpu|cuda] the main job on real data
+                 [--evaluate-on valid]             ... scored on the validation items instead
     recbase tokenize  --items I --domain D --output DIR          item text -> concept IDs
     recbase pretrain  --items I --interactions X --tokenizer DIR --output DIR
     recbase evaluate  --items I --interactions X --tokenizer DIR --model DIR
@@ -33,7 +34,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from recbase.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(output=args.output, device=args.device, seed=args.seed)
+    cfg = DemoConfig(output=args.output, device=args.device, seed=args.seed, evaluate_on=args.evaluate_on)
     if args.quick:  # a small variant for smoke tests: fewer users, one epoch (same work anywhere)
         cfg.max_eval_users, cfg.epochs, cfg.time_budget_s, cfg.sasrec_seconds = 200, 1, None, 20.0
     if args.max_eval_users is not None:
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-eval-users", type=int, default=None,
                    help="evaluated users per domain (seeded sample; 0 = all; default 2000)")
     s.add_argument("--time-budget", type=float, default=None, help="cap on pretraining seconds (default: none, the configured epochs run in full)")
+    s.add_argument("--evaluate-on", default="test", choices=["test", "valid"],
+                   help="score the held-out test items (default) or the validation items, to compare "
+                        "settings without looking at the test items")
     s.add_argument("--quick", action="store_true", help="a small, fast variant (smoke test)")
     s.set_defaults(func=_cmd_demo)
 
