@@ -26,12 +26,28 @@ def walks(rng, prefix: str, n: int, users: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
 
 
-def test_cli_round_trip_on_user_files(tmp_path, capsys):
-    items, inter = movie_items(), walks(np.random.default_rng(0), "m", 40, 30)
+def user_files(tmp_path, seed: int):
+    """Movie items + random-walk interactions written as CSV; (items, --items/--domain args)."""
+    items = movie_items()
     items.to_csv(tmp_path / "items.csv", index=False)
-    inter.to_csv(tmp_path / "inter.csv", index=False)
+    walks(np.random.default_rng(seed), "m", 40, 30).to_csv(tmp_path / "inter.csv", index=False)
+    return items, ["--items", str(tmp_path / "items.csv"), "--domain", "movies"]
+
+
+def nearest_codewords(emb: np.ndarray, codebooks) -> np.ndarray:
+    """Residual quantization by brute force in float64: the nearest codeword per level."""
+    cb = np.asarray(codebooks, dtype=np.float64)
+    residual, codes = emb.astype(np.float64).copy(), []
+    for level in range(cb.shape[0]):
+        k = ((residual[:, None, :] - cb[level][None]) ** 2).sum(-1).argmin(1)
+        codes.append(k)
+        residual -= cb[level][k]
+    return np.stack(codes, 1)
+
+
+def test_cli_round_trip_on_user_files(tmp_path, capsys):
+    items, common = user_files(tmp_path, 0)
     tok, model = tmp_path / "tok", tmp_path / "model"
-    common = ["--items", str(tmp_path / "items.csv"), "--domain", "movies"]
     assert main(["tokenize", *common, "--fields", "Title=title,Genres=genres", "--levels", "2",
                  "--codebook-size", "8", "--output", str(tok)]) == 0
     assert json.loads((tok / "item_ids.json").read_text())[:2] == ["m0", "m1"]
@@ -81,16 +97,10 @@ def test_cli_zero_shot_in_a_new_domain(tmp_path, capsys):
     # the books are IDs on the movies' codebooks: nearest codeword per level (float64, brute force)
     from recbase.tokenizer import ItemTokenizer
     mt, bt = ItemTokenizer.load(mtok), ItemTokenizer.load(btok)
-    cb = np.asarray(mt.quantizer.codebooks, dtype=np.float64)
     np.testing.assert_array_equal(np.asarray(bt.quantizer.codebooks), np.asarray(mt.quantizer.codebooks))
-    emb = np.load(btok / "embeddings.npy").astype(np.float64)
+    emb = np.load(btok / "embeddings.npy")
     np.testing.assert_allclose(emb.mean(0), 0, atol=0.05)  # centred on the books' own mean
-    residual, expected = emb.copy(), []
-    for level in range(mt.levels):
-        k = ((residual[:, None, :] - cb[level][None]) ** 2).sum(-1).argmin(1)
-        expected.append(k)
-        residual -= cb[level][k]
-    np.testing.assert_array_equal(bt.codes[:, :mt.levels], np.stack(expected, 1))
+    np.testing.assert_array_equal(bt.codes[:, :mt.levels], nearest_codewords(emb, mt.quantizer.codebooks))
     assert len({tuple(c) for c in bt.codes}) == len(bt.codes)
     assert not {tuple(c) for c in bt.codes} & {tuple(c) for c in mt.codes}  # never a movie's ID
     assert bt.report()["num_items"] == 30
@@ -123,23 +133,14 @@ def test_cli_tokenize_reassign_gives_ids_of_levels_tokens(tmp_path, capsys):
     """--dedup reassign: IDs of `levels` tokens, unique; an item whose tuple no other item shares
     keeps its nearest codewords (float64 brute force); the pipeline runs on such IDs."""
     from recbase.tokenizer import ItemTokenizer
-    items, inter = movie_items(), walks(np.random.default_rng(2), "m", 40, 30)
-    items.to_csv(tmp_path / "items.csv", index=False)
-    inter.to_csv(tmp_path / "inter.csv", index=False)
+    items, common = user_files(tmp_path, 2)
     tok_dir, model = tmp_path / "tok", tmp_path / "model"
-    common = ["--items", str(tmp_path / "items.csv"), "--domain", "movies"]
     assert main(["tokenize", *common, "--fields", "Title=title,Genres=genres", "--levels", "2",
                  "--codebook-size", "8", "--dedup", "reassign", "--output", str(tok_dir)]) == 0
     tok = ItemTokenizer.load(tok_dir)
     assert tok.dedup == "reassign" and tok.id_length == 2 and tok.codes.shape == (40, 2)
     assert len({tuple(c) for c in tok.codes}) == 40
-    cb = np.asarray(tok.quantizer.codebooks, dtype=np.float64)
-    residual, semantic = np.load(tok_dir / "embeddings.npy").astype(np.float64), []
-    for level in range(2):
-        k = ((residual[:, None, :] - cb[level][None]) ** 2).sum(-1).argmin(1)
-        semantic.append(k)
-        residual -= cb[level][k]
-    semantic = np.stack(semantic, 1)
+    semantic = nearest_codewords(np.load(tok_dir / "embeddings.npy"), tok.quantizer.codebooks)
     _, inverse, counts = np.unique(semantic, axis=0, return_inverse=True, return_counts=True)
     alone = counts[inverse.reshape(-1)] == 1
     assert alone.any() and (~alone).any()  # both kinds occur with 40 items on 8 x 8 codes
