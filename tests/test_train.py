@@ -116,6 +116,17 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         _run(tmp_path / "c")
 
 
+def test_a_sharded_runs_checkpoint_is_not_resumed_by_a_plain_run(tmp_path):
+    # its optimizer state is keyed by parameter name: loading it into a plain AdamW must not be tried
+    _run(tmp_path / "s", kill_at=3)
+    path = tmp_path / "s" / "checkpoint.pt"
+    ck = torch.load(path, weights_only=False)
+    assert ck["fsdp"] is False
+    torch.save({**ck, "fsdp": True}, path)
+    with pytest.raises(ValueError, match="fsdp=True"):
+        _run(tmp_path / "s")
+
+
 def _free_port():
     import socket
     with socket.socket() as s:
@@ -123,7 +134,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, init_method, out_dir, batch, rotation_rate=0.0):
+def _full(t):
+    """A DTensor shard (FSDP) gathered whole -- a collective -- or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _ddp_worker(rank, world, init_method, out_dir, batch, rotation_rate=0.0, fsdp=False):
     import datetime
     import faulthandler
 
@@ -136,19 +152,35 @@ def _ddp_worker(rank, world, init_method, out_dir, batch, rotation_rate=0.0):
                             timeout=datetime.timedelta(seconds=60))
     model = tiny_model(content_dim=6 if rotation_rate else 0)
     cfg = TrainConfig(epochs=1, tokens_per_batch=10_000, lr=1e-2, warmup_steps=1, seed=0, progress=False,
-                      content_rotation_rate=rotation_rate)
-    trainer = Trainer(model, synthetic_sequences(16, seed=4), [], cfg)
+                      content_rotation_rate=rotation_rate, fsdp=fsdp)
+    seqs = synthetic_sequences(16, seed=4)
+    trainer = Trainer(model, seqs, [], cfg, output_dir=os.path.join(out_dir, "run") if fsdp else None)
+    assert trainer.fsdp == fsdp and (trainer.ddp is None) == fsdp
     trainer.train_step(np.asarray(batch))
+    grads = {n: _full(p.grad).clone() for n, p in model.named_parameters()}
+    state = trainer.full_state_dict()
+    resumed = None
+    if fsdp:
+        # a sharded checkpoint resumes exactly: a fresh (differently initialised) sharded model
+        # loads it, then one more step on both gives the same weights (Adam's moments restored)
+        trainer.save_checkpoint()
+        other = Trainer(tiny_model(seed=5, content_dim=6 if rotation_rate else 0), seqs, [], cfg,
+                        output_dir=os.path.join(out_dir, "run"))
+        assert other.load_checkpoint()
+        loaded = other.full_state_dict()
+        for t in (trainer, other):
+            t.train_step(np.asarray(batch[::-1]))
+        resumed = (loaded, trainer.full_state_dict(), other.full_state_dict())
     if rank == 0:
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        torch.save((model.state_dict(), grads), os.path.join(out_dir, "ddp.pt"))
+        torch.save((state, grads, resumed), os.path.join(out_dir, "ddp.pt"))
     dist.destroy_process_group()
 
 
 # rotation_rate=1: a content-only step, whose free concept rows get zero gradients (DDP must
-# still see every parameter used)
-@pytest.mark.parametrize("rotation_rate", [0.0, 1.0])
-def test_two_process_ddp_step_equals_one_process_step(tmp_path, monkeypatch, rotation_rate):
+# still see every parameter used). fsdp: parameters, gradients and Adam's state sharded over the
+# two ranks instead of replicated -- the same step.
+@pytest.mark.parametrize("rotation_rate,fsdp", [(0.0, False), (1.0, False), (0.0, True), (1.0, True)])
+def test_two_process_ddp_step_equals_one_process_step(tmp_path, monkeypatch, rotation_rate, fsdp):
     # Both workers talk over loopback only: gloo otherwise picks its address from the hostname,
     # which in sandboxed CI may resolve to an interface that does not answer.
     import socket
@@ -158,15 +190,17 @@ def test_two_process_ddp_step_equals_one_process_step(tmp_path, monkeypatch, rot
     # 1 process, the whole batch
     model = tiny_model(content_dim=6 if rotation_rate else 0)
     cfg = TrainConfig(epochs=1, tokens_per_batch=10_000, lr=1e-2, warmup_steps=1, seed=0, progress=False,
-                      content_rotation_rate=rotation_rate)
-    Trainer(model, synthetic_sequences(16, seed=4), [], cfg).train_step(np.asarray(batch))
+                      content_rotation_rate=rotation_rate, fsdp=fsdp)  # fsdp is a no-op in 1 process
+    single = Trainer(model, synthetic_sequences(16, seed=4), [], cfg)
+    assert not single.fsdp
+    single.train_step(np.asarray(batch))
     # 2 processes on gloo, each half of the batch (sequences of different lengths). A run that
     # stalls (a transport problem of the host, seen once on a loaded machine) is retried once
     # from scratch; a failed or wrong run is not.
     for attempt in range(2):
         init = f"tcp://127.0.0.1:{_free_port()}"
-        ctx = mp.start_processes(_ddp_worker, args=(2, init, str(tmp_path), batch, rotation_rate), nprocs=2,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(_ddp_worker, args=(2, init, str(tmp_path), batch, rotation_rate, fsdp),
+                                 nprocs=2, join=False, start_method="spawn")
         deadline = time.monotonic() + 120
         try:
             while not ctx.join(timeout=2):  # raises if a worker failed
@@ -178,15 +212,22 @@ def test_two_process_ddp_step_equals_one_process_step(tmp_path, monkeypatch, rot
                 p.kill()
             if attempt == 1:
                 pytest.fail(f"2-process gloo step stalled twice ({type(e).__name__}: {e})")
-    ddp, ddp_grads = torch.load(tmp_path / "ddp.pt")
+    ddp, ddp_grads, resumed = torch.load(tmp_path / "ddp.pt")
     # the averaged gradient is the gradient of the whole batch (up to float32 summation order)
     for n, p in model.named_parameters():
         scale = float(p.grad.abs().max())
         torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-4, atol=1e-5 * scale)
     # Adam's first step is ~lr*sign(g): entries with |g| near eps may differ slightly; a wrong
     # gradient would move parameters by ~lr = 1e-2
+    assert ddp.keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-4)
+    if fsdp:
+        loaded, continued, resumed_then_continued = resumed
+        for k in ddp:
+            torch.testing.assert_close(loaded[k], ddp[k], rtol=0, atol=0)
+            torch.testing.assert_close(resumed_then_continued[k], continued[k], rtol=0, atol=0)
+        assert any(not torch.equal(continued[k], ddp[k]) for k in ddp)  # the second step moved them
 
 
 def test_item_windows_cover_every_transition_once():

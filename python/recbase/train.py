@@ -10,9 +10,13 @@ model, optimizer, scheduler, RNG state, epoch and position within the epoch. The
 of an epoch is a pure function of ``(seed, epoch)``, so a run that is killed and restarted
 ends with the same model as one that ran through.
 
-Data parallel: run under ``torchrun``; each rank trains on its shard of every packed batch and
-the loss is scaled by the rank's share of the batch's target tokens, so the averaged gradient
-equals the single-process gradient of the whole batch.
+Data parallel: run under ``torchrun`` (and ``torch.distributed.init_process_group``); each rank
+trains on its shard of every packed batch and the loss is scaled by the rank's share of the
+batch's target tokens, so the averaged gradient equals the single-process gradient of the whole
+batch. By default every rank holds a full replica (DDP); ``TrainConfig(fsdp=True)`` shards the
+parameters, gradients and AdamW state over the ranks instead (FSDP2, for models too large to
+replicate, e.g. the ``large`` preset) -- the same step. Checkpoints then hold the gathered, whole
+state (written by rank 0), and a sharded run resumes only a sharded run's checkpoint.
 
 Fine-tuning: the same ``Trainer`` trains a LoRA-wrapped model (``recbase.finetune.lora_model``);
 the optimizer only receives parameters that require gradients. With ``TrainConfig.mask_rate > 0``
@@ -77,6 +81,10 @@ class TrainConfig:
     # function of (seed, step). The model then cannot rely on where concepts lie, only on how a
     # history's concepts relate to the next item's -- which carries over to an unseen domain.
     content_rotation_rate: float = 0.0
+    # under torchrun with more than one process: shard parameters, gradients and optimizer state
+    # over the ranks (FSDP2 ``fully_shard``, each decoder layer and the whole model) instead of a
+    # full replica per rank (DDP). For models too large to replicate; the same step either way.
+    fsdp: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -222,6 +230,12 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.model.to(self.device)
+        self.fsdp = bool(config.fsdp) and self.world > 1
+        if self.fsdp:  # before the optimizer: sharding replaces the parameters by DTensor shards
+            from torch.distributed.fsdp import fully_shard
+            for layer in _core_model(model).model.layers:
+                fully_shard(layer)
+            fully_shard(model)
         # frozen parameters (the base weights under LoRA) stay out of the optimizer
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
@@ -233,9 +247,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
-            fused=True if self.device.type in ("cpu", "cuda") else None)
+            fused=True if self.device.type in ("cpu", "cuda") and not self.fsdp else None)
         self.ddp = None
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             self.ddp = torch.nn.parallel.DistributedDataParallel(model)
         lengths = [len(s) for s in self.train_seqs]
         self.steps_per_epoch = len(pack_batches(lengths, config.tokens_per_batch, config.seed, 0))
@@ -248,11 +262,46 @@ class Trainer:
     def checkpoint_path(self) -> Path | None:
         return self.output_dir / "checkpoint.pt" if self.output_dir else None
 
+    def full_state_dict(self) -> dict:
+        """The model's whole state dict. Under FSDP a collective (every rank must call it) that
+        gathers the shards; rank 0 gets the tensors (on CPU), the other ranks an empty dict."""
+        if not self.fsdp:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_full_state_dict(self, state: dict) -> None:
+        """Inverse of :meth:`full_state_dict` (under FSDP rank 0's copy is sent to every rank)."""
+        if not self.fsdp:
+            self.model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True,
+                                                                          broadcast_from_rank0=True))
+
+    def _optimizer_state(self) -> dict:
+        if not self.fsdp:
+            return self.opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(self.model, self.opt,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        if not self.fsdp:
+            self.opt.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.model, self.opt, state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
     def save_checkpoint(self) -> None:
-        if self.checkpoint_path is None or self.rank != 0:
+        if self.checkpoint_path is None:
+            return
+        model, optimizer = self.full_state_dict(), self._optimizer_state()  # collectives under FSDP
+        if self.rank != 0:
             return
         _atomic_torch_save({
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "model": model, "optimizer": optimizer, "fsdp": self.fsdp,
             "state": self.state, "rng": torch.get_rng_state(), "config": asdict(self.cfg),
         }, self.checkpoint_path)
 
@@ -260,12 +309,24 @@ class Trainer:
         path = self.checkpoint_path
         if path is None or not path.exists():
             return False
+
+        def corrupt(exc):
+            return ValueError(f"checkpoint {path} is corrupt or does not match the model: {exc}")
+
         try:
-            ck = torch.load(path, map_location=self.device, weights_only=False)
-            self.model.load_state_dict(ck["model"])
-            self.opt.load_state_dict(ck["optimizer"])
+            ck = torch.load(path, map_location="cpu" if self.fsdp else self.device, weights_only=False)
+            written_sharded = bool(ck.get("fsdp", False))
         except Exception as exc:  # a truncated or foreign file must not be half-loaded silently
-            raise ValueError(f"checkpoint {path} is corrupt or does not match the model: {exc}") from exc
+            raise corrupt(exc) from exc
+        if written_sharded != self.fsdp:
+            # the optimizer state of a sharded run is keyed by parameter name, a plain run's by index
+            raise ValueError(f"checkpoint {path} was written with fsdp={written_sharded}: resume it with "
+                             f"fsdp={written_sharded} (this run has fsdp={self.fsdp})")
+        try:
+            self.load_full_state_dict(ck["model"])
+            self._load_optimizer_state(ck["optimizer"])
+        except Exception as exc:
+            raise corrupt(exc) from exc
         self.state = ck["state"]
         torch.set_rng_state(ck["rng"])
         return True
@@ -398,16 +459,18 @@ class Trainer:
         return self.state
 
     def _save_best(self) -> None:
+        state = self.full_state_dict()  # a collective under FSDP
         if self.output_dir and self.rank == 0:
-            _atomic_torch_save(self.model.state_dict(), self.output_dir / "best.pt")
+            _atomic_torch_save(state, self.output_dir / "best.pt")
         elif not self.output_dir:
-            self._best_in_memory = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self._best_in_memory = {k: v.detach().clone() for k, v in state.items()}
 
     def _restore_best(self) -> None:
         if self.output_dir and (self.output_dir / "best.pt").exists():
-            self.model.load_state_dict(torch.load(self.output_dir / "best.pt", map_location=self.device))
+            self.load_full_state_dict(torch.load(self.output_dir / "best.pt",
+                                                 map_location="cpu" if self.fsdp else self.device))
         elif getattr(self, "_best_in_memory", None) is not None:
-            self.model.load_state_dict(self._best_in_memory)
+            self.load_full_state_dict(self._best_in_memory)
 
     def _log(self, record: dict) -> None:
         if self.output_dir and self.rank == 0:
