@@ -154,3 +154,46 @@ def test_cli_tokenize_reassign_gives_ids_of_levels_tokens(tmp_path, capsys):
                  "--history", "m0", "m1", "m2", "-k", "5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5 and all(line.split()[-1] in set(items["item_id"]) for line in lines)
+
+
+def test_cli_tokenize_takes_your_own_embeddings_or_encoder(tmp_path, capsys):
+    """--embeddings: the user's vectors, row i = item i, centred and unit-length, quantized (levels checked
+    against float64 brute force); --encoder: any local HuggingFace folder; bad input: exit 2."""
+    from recbase.data.encoder import default_model_dir
+    from recbase.tokenizer import ItemTokenizer, centre_embeddings
+    items, common = user_files(tmp_path, 3)
+    emb = np.random.default_rng(3).normal(size=(40, 12)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", emb)
+    tok_args = ["--levels", "2", "--codebook-size", "8"]
+    assert main(["tokenize", *common, "--embeddings", str(tmp_path / "emb.npy"), *tok_args,
+                 "--output", str(tmp_path / "tok")]) == 0
+    tok = ItemTokenizer.load(tmp_path / "tok")
+    centred = emb.astype(np.float64) - emb.mean(0, dtype=np.float64)
+    centred /= np.linalg.norm(centred, axis=1, keepdims=True)  # centred on the catalog's mean, unit rows
+    np.testing.assert_allclose(np.load(tmp_path / "tok" / "embeddings.npy"), centred, atol=1e-6)
+    np.testing.assert_array_equal(tok.codes[:, :2], nearest_codewords(centre_embeddings(emb), tok.quantizer.codebooks))
+    assert len({tuple(c) for c in tok.codes}) == 40
+
+    # the packaged encoder named by its folder gives the default's vectors
+    assert main(["tokenize", *common, *tok_args, "--output", str(tmp_path / "default")]) == 0
+    assert main(["tokenize", *common, *tok_args, "--encoder", str(default_model_dir()),
+                 "--output", str(tmp_path / "named")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "named" / "embeddings.npy"),
+                               np.load(tmp_path / "default" / "embeddings.npy"), atol=1e-6)
+    capsys.readouterr()
+
+    bad = {"rows.npy": emb[:39], "nan.npy": np.where(np.eye(40, 12) > 0, np.nan, emb), "ints.npy": np.ones((40, 3), int)}
+    for name, arr in bad.items():
+        np.save(tmp_path / name, arr)
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    for name, msg in (("rows.npy", "shape (40 items"), ("nan.npy", "NaN"), ("ints.npy", "float array"),
+                      ("junk.npy", "cannot read")):
+        assert main(["tokenize", *common, "--embeddings", str(tmp_path / name), *tok_args,
+                     "--output", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert "--embeddings" in err and msg in err, err
+    assert main(["tokenize", *common, "--embeddings", str(tmp_path / "emb.npy"), "--fields", "Title=title",
+                 "--output", str(tmp_path / "bad")]) == 2
+    assert main(["tokenize", *common, "--encoder", str(tmp_path), "--output", str(tmp_path / "bad")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written on bad input

@@ -4,6 +4,7 @@
     recbase demo [--output DIR] [--device cpu|cuda] the main job on real data
                  [--evaluate-on valid]             ... scored on the validation items instead
     recbase tokenize  --items I --domain D --output DIR          item text -> concept IDs
+                      [--encoder DIR | --embeddings E.npy]       ... another encoder, or your vectors
     recbase pretrain  --items I --interactions X --tokenizer DIR --output DIR
     recbase evaluate  --items I --interactions X --tokenizer DIR --model DIR
     recbase recommend --items I --tokenizer DIR --model DIR --history ID [ID ...]
@@ -54,19 +55,41 @@ def _template(domain: str, fields: str | None):
     return ItemTemplate(domain.rstrip("s"), mapping)
 
 
+def _load_embeddings(path: str, num_items: int):
+    import numpy as np
+
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--embeddings: cannot read {path} as a .npy array ({exc})") from exc
+    if emb.ndim != 2 or emb.shape[0] != num_items or not np.issubdtype(emb.dtype, np.floating):
+        raise ValueError(f"--embeddings: expected a float array of shape ({num_items} items, dim), "
+                         f"got {emb.dtype} {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise ValueError(f"--embeddings: {path} contains NaN or inf")
+    return emb.astype(np.float32)
+
+
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from recbase import datasets
     from recbase.data import TextEncoder
+    from recbase.data.encoder import DEFAULT_MODEL
     from recbase.data.text import render_items
     from recbase.tokenizer import ItemTokenizer, centre_embeddings
 
     items = datasets._read_table(args.items, "items")
     if "item_id" not in items.columns:
         raise SystemExit(f"--items: {args.items} has no item_id column (got {list(items.columns)})")
-    texts = render_items(items, _template(args.domain, args.fields))
-    emb = centre_embeddings(TextEncoder(device=args.device).encode(texts))
+    if args.embeddings:  # the user's own item vectors, row i = row i of --items
+        if args.encoder or args.fields:
+            raise ValueError("--embeddings replaces the text encoder: drop --encoder / --fields")
+        emb = _load_embeddings(args.embeddings, len(items))
+    else:
+        texts = render_items(items, _template(args.domain, args.fields))
+        emb = TextEncoder(args.encoder or DEFAULT_MODEL, device=args.device).encode(texts)
+    emb = centre_embeddings(emb)
     if args.codebooks:  # a new domain on an existing vocabulary (zero-shot)
         tok = ItemTokenizer.load(args.codebooks).for_catalog(emb)
     else:
@@ -194,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tokenize", help="item text -> embeddings -> unique concept IDs")
     common(s)
     s.add_argument("--fields", default=None, help="template fields, e.g. 'Title=title,Year=year'")
+    s.add_argument("--encoder", default=None,
+                   help="folder of a local HuggingFace text encoder (default: the packaged all-MiniLM-L6-v2)")
+    s.add_argument("--embeddings", default=None,
+                   help="a .npy array of your own item vectors (row i = item i of --items) instead of "
+                        "encoding the item text")
     s.add_argument("--levels", type=int, default=3)
     s.add_argument("--codebook-size", type=int, default=256)
     s.add_argument("--dedup", choices=("extra_level", "reassign"), default="extra_level",
