@@ -158,7 +158,7 @@ def _ddp_worker(rank, world, init_method, out_dir, batch, rotation_rate=0.0, fsd
     assert trainer.fsdp == fsdp and (trainer.ddp is None) == fsdp
     trainer.train_step(np.asarray(batch))
     grads = {n: _full(p.grad).clone() for n, p in model.named_parameters()}
-    state = trainer.full_state_dict()
+    state = {k: v.clone() for k, v in trainer.full_state_dict().items()}  # DDP: live tensors
     resumed = None
     if fsdp:
         # a sharded checkpoint resumes exactly: a fresh (differently initialised) sharded model
@@ -171,6 +171,8 @@ def _ddp_worker(rank, world, init_method, out_dir, batch, rotation_rate=0.0, fsd
         for t in (trainer, other):
             t.train_step(np.asarray(batch[::-1]))
         resumed = (loaded, trainer.full_state_dict(), other.full_state_dict())
+    # a batch of one sequence: rank 1 has none and must still take part (no hang, no NaN)
+    assert np.isfinite(trainer.train_step(np.asarray([3])))
     if rank == 0:
         torch.save((state, grads, resumed), os.path.join(out_dir, "ddp.pt"))
     dist.destroy_process_group()

@@ -264,7 +264,8 @@ class Trainer:
 
     def full_state_dict(self) -> dict:
         """The model's whole state dict. Under FSDP a collective (every rank must call it) that
-        gathers the shards; rank 0 gets the tensors (on CPU), the other ranks an empty dict."""
+        gathers the shards into a copy: rank 0 gets the tensors (on CPU), the other ranks an empty
+        dict. Otherwise ``model.state_dict()``: the live tensors, as torch gives them."""
         if not self.fsdp:
             return self.model.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -392,8 +393,9 @@ class Trainer:
             local = local + [masked[int(i)][0] for i in shard]
         if local:
             loss_sum, _ = self._loss(local, labels=labels)
-        else:  # more ranks than sequences in this batch: contribute a zero gradient
-            loss_sum = sum(p.sum() * 0 for p in self.model.parameters())
+        else:  # more ranks than sequences in this batch: a zero-weighted forward keeps this rank's
+            # DDP / FSDP collectives in step with the others and contributes a zero gradient
+            loss_sum = self._loss([self.train_seqs[int(batch[0])]])[0] * 0.0
         # DDP averages gradients over ranks; scaling by world/total makes that the global mean.
         loss = loss_sum * (self.world / max(total_targets, 1))
         self.opt.zero_grad(set_to_none=True)
