@@ -16,7 +16,7 @@ def test_quick_demo_end_to_end(tmp_path):
     # 59 of 161 steps, before the model beat popularity; the work (and result) must not depend
     # on the machine's speed
     cfg = DemoConfig(output=str(tmp_path / "demo"), max_eval_users=200, epochs=1,
-                     time_budget_s=None, sasrec_seconds=20.0)
+                     time_budget_s=None, sasrec_epochs=1)
     result = run_demo(cfg)
     out = tmp_path / "demo"
     for name in ("results.json", "results.md", "config.json", "tokenizer", "model"):
@@ -54,7 +54,7 @@ def test_demo_on_validation_items(tmp_path):
     from recbase.evaluate import evaluate_rankings
 
     cfg = DemoConfig(output=str(tmp_path / "demo"), max_eval_users=300, valid_users=300, epochs=1,
-                     recent_pass_epochs=0, sasrec_seconds=5.0, evaluate_on="valid")
+                     recent_pass_epochs=0, sasrec_epochs=1, evaluate_on="valid")
     result = run_demo(cfg)
     rows = {(r["domain"], r["model"]): r for r in result["rows"]}
     assert (tmp_path / "demo" / "results.md").read_text().startswith("Validation items")

@@ -37,7 +37,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(output=args.output, device=args.device, seed=args.seed, evaluate_on=args.evaluate_on)
     if args.quick:  # a small variant for smoke tests: fewer users, one epoch (same work anywhere)
-        cfg.max_eval_users, cfg.epochs, cfg.time_budget_s, cfg.sasrec_seconds = 200, 1, None, 20.0
+        cfg.max_eval_users, cfg.epochs, cfg.time_budget_s, cfg.sasrec_epochs = 200, 1, None, 1
     if args.max_eval_users is not None:
         cfg.max_eval_users = args.max_eval_users or None
     if args.time_budget is not None:
