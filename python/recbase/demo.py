@@ -58,6 +58,11 @@ class DemoConfig:
     content_rotation_rate: float = 0.5  # share of steps read by content alone, randomly rotated
     recent_pass_epochs: int = 1  # closing pass over each user's latest window, no rotation (0 = off)
     recent_pass_lr: float = 5e-4
+    # dense item channel (LIGER-style hybrid): each item is also read through its full text
+    # embedding, a dense head scores the next item by a kernel mixture on the history's embeddings;
+    # the table shows generative, dense and hybrid rows (0 = off: concept IDs only)
+    dense: bool = True
+    dense_loss_weight: float = 1.0
     time_budget_s: float | None = None  # None = no limit (the default: same work on any machine)
     valid_users: int = 1000  # seeded sample of users whose validation item drives early stopping
     # evaluation
@@ -72,6 +77,8 @@ class DemoConfig:
     # 15-minute budget affords on the slowest 2-core machine measured (docs/results.md)
     sasrec_epochs: int = 2
     sasrec_seconds: float | None = None  # optional wall-clock cap on top (None = none)
+    # the zero-shot text-sequence peer (UniSRec-style TextSASRec), trained on movies only
+    text_sasrec_epochs: int = 2
     extra: dict = field(default_factory=dict)
 
 
@@ -100,9 +107,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     from recbase.data.text import render_items
     from recbase.evaluate import build_ctr_pairs, evaluate_ctr, evaluate_rankings
     from recbase.model import RecBaseConfig, RecBaseForCausalLM
-    from recbase.recommend import Recommender
+    from recbase.recommend import Recommender, choose_fusion
     from recbase.tokenizer import ItemTokenizer, centre_embeddings
-    from recbase.train import Trainer, TrainConfig, pretraining_sequences, recent_pass
+    from recbase.train import ItemVectors, Trainer, TrainConfig, pretraining_sequences, recent_pass
 
     if cfg.evaluate_on not in ("test", "valid"):
         raise ValueError(f"evaluate_on: expected 'test' or 'valid', got {cfg.evaluate_on!r}")
@@ -150,24 +157,38 @@ def run_demo(cfg: DemoConfig) -> dict:
     model_cfg = RecBaseConfig.from_preset(
         cfg.preset, levels=tok.id_length, codebook_size=cfg.codebook_size, max_items=cfg.max_items,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 3,
-        num_hidden_layers=cfg.num_layers, concept_vector_dim=tok.quantizer.codebooks.shape[2])
+        num_hidden_layers=cfg.num_layers, concept_vector_dim=tok.quantizer.codebooks.shape[2],
+        item_vector_dim=ml_emb.shape[1] if cfg.dense else 0, dense_loss_weight=cfg.dense_loss_weight)
     model = RecBaseForCausalLM(model_cfg)
     model.set_concept_vectors(tok.quantizer.codebooks)
     train_cfg = TrainConfig(epochs=cfg.epochs, tokens_per_batch=cfg.tokens_per_batch, lr=cfg.lr,
                             warmup_steps=50, seed=cfg.seed, device=cfg.device,
                             time_budget_s=cfg.time_budget_s, content_rotation_rate=cfg.content_rotation_rate)
-    state = Trainer(model, train_seqs, valid_seqs, train_cfg, output_dir=out / "pretrain").fit()
+    vectors = ItemVectors(item_tokens["movies"], ml_emb, cfg.codebook_size) if cfg.dense else None
+    state = Trainer(model, train_seqs, valid_seqs, train_cfg, output_dir=out / "pretrain",
+                    item_vectors=vectors).fit()
     timer.mark(f"pretrain: {len(train_seqs)} sequences, history {state['history']}")
     recent = {"history": []}
     if cfg.recent_pass_epochs:
         recent = recent_pass(model, ml_split, item_tokens["movies"], vocab.BOS, cfg.max_items, valid_seqs,
                              epochs=cfg.recent_pass_epochs, lr=cfg.recent_pass_lr, seed=cfg.seed + 1,
                              tokens_per_batch=cfg.tokens_per_batch, device=cfg.device,
-                             output_dir=out / "recent-pass")
+                             output_dir=out / "recent-pass", item_vectors=vectors)
         timer.mark(f"recent pass: each user's latest {cfg.max_items} items, history {recent['history']}")
+    embeddings = {"movies": ml_emb, "books": bx_emb} if cfg.dense else None
+    rec = Recommender(model, vocab, codes, max_items=cfg.max_items, device=cfg.device, unseen_domains=["books"],
+                      item_embeddings=embeddings)
+    modes = ("generative", "dense", "hybrid") if cfg.dense else ("generative",)
+    fusion = {}
+    if cfg.dense:
+        # fusion weights from the movie validation users only: read normally (for movies) and by
+        # content alone, as a new domain is read (for books) -- no book interaction is used
+        vh = [ml_split.valid_histories[u] for u in valid_users]
+        for reading in ("seen", "unseen"):
+            fusion[reading] = choose_fusion(rec, "movies", vh, ml_split.valid_targets[valid_users],
+                                            reading=reading, num_beams=max(cfg.num_beams, max(cfg.ks)))
+        timer.mark(f"fusion weights (movie validation users): {model.config.fusion_weights}")
     model.save_pretrained(out / "model")
-
-    rec = Recommender(model, vocab, codes, max_items=cfg.max_items, device=cfg.device, unseen_domains=["books"])
     rows = []
 
     def ranking_row(name, domain, split, recommend, users):
@@ -182,8 +203,12 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     kmax = max(cfg.ks)
 
-    def rb_recommend(domain):
-        return lambda h: rec.recommend(h, k=kmax, domain=domain, num_beams=max(cfg.num_beams, kmax))[0]
+    def rb_recommend(domain, mode):
+        return lambda h: rec.recommend(h, k=kmax, domain=domain, num_beams=max(cfg.num_beams, kmax), mode=mode)[0]
+
+    def rb_rows(domain, label):
+        return [(f"recbase {mode} ({label})" if cfg.dense else f"recbase ({label})", rb_recommend(domain, mode))
+                for mode in modes]
 
     # 5a. in-domain: movies ----------------------------------------------------------------------
     # on validation: the users whose validation loss was watched during pretraining
@@ -195,10 +220,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     sas.fit(ml_split.train_sequences, num_items=ml_split.num_items,
             valid_histories=ml_split.valid_histories, valid_targets=ml_split.valid_targets)
     timer.mark("SASRec trained (movies, in-domain)")
+    tsas = btsas = None
+    if cfg.text_sasrec_epochs:
+        from recbase.baselines import TextSASRec
+        tsas = TextSASRec(ml_emb, max_len=50, seed=cfg.seed, device=cfg.device, max_epochs=cfg.text_sasrec_epochs)
+        tsas.fit(ml_split.train_sequences, num_items=ml_split.num_items,
+                 valid_histories=ml_split.valid_histories, valid_targets=ml_split.valid_targets)
+        btsas = tsas.with_catalog(bx_emb)  # the same network, applied to the books unchanged
+        timer.mark("TextSASRec trained (movies only)")
     for name, fn in (("popularity", lambda h: pop.recommend(h, kmax)),
                      ("text-kNN", lambda h: knn.recommend(h, kmax)),
                      ("SASRec (in-domain)", lambda h: sas.recommend(h, kmax)),
-                     ("recbase (pretrained)", rb_recommend("movies"))):
+                     *([("TextSASRec (in-domain)", lambda h: tsas.recommend(h, kmax))] if tsas else []),
+                     *rb_rows("movies", "pretrained")):
         ranking_row(name, "movies", ml_split, fn, ml_users)
     timer.mark("movies evaluated")
 
@@ -209,7 +243,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     bknn = TextKNN(bx_emb, max_history=cfg.knn_max_history).fit()
     for name, fn in (("popularity", lambda h: bpop.recommend(h, kmax)),
                      ("text-kNN", lambda h: bknn.recommend(h, kmax)),
-                     ("recbase (zero-shot)", rb_recommend("books"))):
+                     *([("TextSASRec (zero-shot)", lambda h: btsas.recommend(h, kmax))] if btsas else []),
+                     *rb_rows("books", "zero-shot")):
         ranking_row(name, "books", bx_split, fn, bx_users)
     timer.mark("books evaluated (ranking)")
 
@@ -218,8 +253,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     ctr = {}
     for domain, split, users, scorers in (
             ("movies", ml_split, ml_users, {"popularity": pop, "text-kNN": knn, "SASRec (in-domain)": sas,
-                                            "recbase": None}),
-            ("books", bx_split, bx_users, {"popularity": bpop, "text-kNN": bknn, "recbase": None})):
+                                            **({"TextSASRec (in-domain)": tsas} if tsas else {}),
+                                            **{m: None for m in modes}}),
+            ("books", bx_split, bx_users, {"popularity": bpop, "text-kNN": bknn,
+                                           **({"TextSASRec (zero-shot)": btsas} if btsas else {}),
+                                           **{m: None for m in modes}})):
         users = [u for u in users if len(split.train_sequences[u]) >= 2] if on_valid else users
         seqs = [(split.train_sequences if on_valid else split.sequences)[u] for u in users]
         n_pos = [min(10, len(s) // 2) for s in seqs]
@@ -229,12 +267,14 @@ def run_demo(cfg: DemoConfig) -> dict:
                                 seed=cfg.seed + (7 if on_valid else 0))
         cands = pairs.candidates(len(users))
         for name, model_ in scorers.items():
-            per_user = (rec.score(hist, cands, domain=domain) if model_ is None
+            per_user = (rec.score(hist, cands, domain=domain, mode=name) if model_ is None
                         else model_.score(hist, cands))
             flat = _flatten_scores(per_user, pairs)
             ctr[(domain, name)] = evaluate_ctr(flat, pairs)["auc"]
     for row in rows:
-        key = (row["domain"], "recbase" if row["model"].startswith("recbase") else row["model"])
+        name = row["model"]
+        key = (row["domain"], name.split()[1] if name.startswith("recbase ") and cfg.dense
+               else "generative" if name.startswith("recbase") else name)
         row["auc"] = ctr.get(key, float("nan"))
     timer.mark("CTR protocol evaluated")
 
@@ -243,7 +283,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         table = ("Validation items (not the test items). SASRec early-stops on these same items, so its "
                  "row is optimistic.\n\n" + table)
     print("\n" + table)
-    result = {"config": asdict(cfg), "rows": rows, "tokenizer": tok.report(),
+    result = {"config": asdict(cfg), "rows": rows, "tokenizer": tok.report(), "fusion": fusion,
               "pretrain_history": state["history"], "recent_pass_history": recent["history"], "timings_s": timer.marks,
               "sizes": {"movies": {"users": ml_split.num_users, "items": ml_split.num_items},
                         "books": {"users": bx_split.num_users, "items": bx_split.num_items}}}

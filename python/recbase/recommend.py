@@ -3,6 +3,16 @@
 Histories are item indices of a catalog; they become BOS + concept tokens, the model
 generates the next item's concept ID under the catalog's trie (constrained beam search), and
 candidate items are scored by the likelihood of their concept IDs (the paper's CTR protocol).
+
+With a dense item channel (``RecBaseConfig.item_vector_dim``) and the catalogs' text embeddings
+(``item_embeddings``) there are three modes:
+
+* ``"generative"``: beam search, likelihood scores;
+* ``"dense"``: the dense head's kernel score (``recbase.model.dense``), exact top-N over the whole
+  catalog in blocks;
+* ``"hybrid"`` (the default then): the beam's items together with the dense top-N, re-ranked by
+  ``(1 - w) * log-likelihood + w * dense score``, w = ``model.config.fusion_weights["seen"|"unseen"]``
+  (chosen on the source domains' validation items by :func:`choose_fusion`).
 """
 from __future__ import annotations
 
@@ -12,7 +22,30 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from recbase.model.dense import dense_kernel_scores, dense_top_n, frame_alignment, unit_rows
 from recbase.tokenizer import ConceptVocab
+
+MODES = ("generative", "dense", "hybrid")
+DEFAULT_FUSION_WEIGHT = 0.5  # before choose_fusion has set one
+
+
+class _WithItemVectors:
+    """The model's generation protocol with each history's item vectors passed to the prefill
+    (what beam_search calls); keeps the prefill's dense history weights."""
+
+    def __init__(self, model, vectors):
+        self.model, self.vectors, self.history_weights = model, vectors, None
+
+    def start_generation(self, histories):
+        state, lp = self.model.start_generation(histories, item_vectors=self.vectors)
+        self.history_weights = state.history_weights
+        return state, lp
+
+    def select_generation(self, state, index):
+        return self.model.select_generation(state, index)
+
+    def step_generation(self, state, codes, level):
+        return self.model.step_generation(state, codes, level)
 
 
 def history_tokens(histories: Sequence[Sequence[int]], codes: np.ndarray, vocab: ConceptVocab,
@@ -64,11 +97,20 @@ class Recommender:
     ``unseen_domains``: domains the model never trained on; they are read from concept content
     alone (``model.content_only``; needs a model with concept vectors), since there a concept's
     free embedding holds the statistics of the domains it was trained on.
+    ``item_embeddings`` maps a domain to its items' text embeddings (N, d), the vectors the model's
+    dense channel was trained on (e.g. centred per domain); needed for the "dense" and "hybrid"
+    modes and read by every mode when the model has a dense channel.
+    ``unseen_frame``: how an unseen domain's content is read. "identity" (default): as it comes,
+    in the one text encoder's space shared with the source domains. "aligned": turned by
+    ``frame_alignment`` (the new domain's principal axes onto those of the seen domains' item
+    embeddings, which must be given), so every score is unchanged when the new domain's embeddings
+    and codebooks come turned by any orthogonal matrix (e.g. from another encoder of that width).
     """
 
     def __init__(self, model, vocab: ConceptVocab, catalogs: dict[str, np.ndarray],
                  max_items: int | None = None, device: str | torch.device = "cpu",
-                 unseen_domains: Sequence[str] = ()):
+                 unseen_domains: Sequence[str] = (), item_embeddings: dict | None = None,
+                 unseen_frame: str = "identity"):
         from recbase.trie import ConceptTrie
 
         if not catalogs:
@@ -87,6 +129,35 @@ class Recommender:
         self.max_items = None if limit is None else limit - 1
         self.codes = {d: np.asarray(c, dtype=np.int64) for d, c in catalogs.items()}
         self.tries = {d: ConceptTrie(c) for d, c in self.codes.items()}
+        self.embeddings, self.unit = {}, {}
+        dim = getattr(model.config, "item_vector_dim", 0)
+        if item_embeddings:
+            if not dim:
+                raise ValueError("item_embeddings needs a model with a dense item channel (item_vector_dim > 0)")
+            for d, e in item_embeddings.items():
+                if d not in self.codes:
+                    raise ValueError(f"item_embeddings: domain {d!r} is not among the catalogs {sorted(self.codes)}")
+                e = np.asarray(e)
+                if e.ndim != 2 or e.shape != (len(self.codes[d]), dim) or not np.issubdtype(e.dtype, np.floating):
+                    raise ValueError(f"item_embeddings[{d!r}]: expected a float array of shape "
+                                     f"({len(self.codes[d])}, {dim}) (one row per catalog item, the model's "
+                                     f"item_vector_dim), got {e.dtype} {e.shape}")
+                if not np.isfinite(e).all():
+                    raise ValueError(f"item_embeddings[{d!r}]: contains NaN or inf")
+                self.embeddings[d] = torch.as_tensor(e, dtype=torch.float32).to(self.device)
+                self.unit[d] = unit_rows(self.embeddings[d])
+        if unseen_frame not in ("identity", "aligned"):
+            raise ValueError(f"unseen_frame: expected 'identity' or 'aligned', got {unseen_frame!r}")
+        self.frames = {}
+        if unseen_frame == "aligned":
+            seen = [d for d in self.embeddings if d not in self.unseen_domains]
+            missing = sorted(set(self.unseen_domains) - set(self.embeddings))
+            if not seen or missing:
+                raise ValueError("unseen_frame='aligned' needs item_embeddings of every unseen domain and of at "
+                                 f"least one seen domain (seen given: {seen}, unseen missing: {missing})")
+            source = torch.cat([self.embeddings[d] for d in seen]).cpu()
+            for d in self.unseen_domains:
+                self.frames[d] = frame_alignment(self.embeddings[d].cpu(), source).float().to(self.device)
 
     def _domain(self, domain: str | None) -> str:
         if domain is None:
@@ -99,37 +170,134 @@ class Recommender:
 
     def _reading(self, domain: str):
         """The model's mode for ``domain``: content only for an unseen domain."""
-        return self.model.content_only() if domain in self.unseen_domains else contextlib.nullcontext()
+        if domain not in self.unseen_domains:
+            return contextlib.nullcontext()
+        return self.model.content_only(self.frames.get(domain))
+
+    def _mode(self, mode: str | None) -> str:
+        if mode is None:
+            return "hybrid" if self.embeddings else "generative"
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if mode != "generative" and not self.embeddings:
+            raise ValueError(f"mode={mode!r} needs item_embeddings (and a model with a dense item channel)")
+        return mode
+
+    def fusion_weight(self, domain: str) -> float:
+        """The dense score's weight w in hybrid scoring for ``domain`` (by its reading)."""
+        key = "unseen" if domain in self.unseen_domains else "seen"
+        return float(getattr(self.model.config, "fusion_weights", {}).get(key, DEFAULT_FUSION_WEIGHT))
+
+    def _prefill_inputs(self, chunk, domain):
+        toks = [t.to(self.device) for t in history_tokens(chunk, self.codes[domain], self.vocab, self.max_items)]
+        if domain not in self.embeddings:
+            return toks, None, None
+        kept = [np.asarray(h, dtype=np.int64)[-self.max_items:] if self.max_items is not None
+                else np.asarray(h, dtype=np.int64) for h in chunk]  # the items history_tokens kept
+        return toks, [self.embeddings[domain][torch.as_tensor(h)] for h in kept], kept
+
+    def _dense_inputs(self, weights, kept, domain):
+        """Block-diagonal [B, J] weights over the chunk's stacked history rows [J, d]."""
+        rows = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+        full = torch.zeros(len(kept), len(rows), device=self.device)
+        start = 0
+        for b, h in enumerate(kept):
+            if len(h):  # the prefill's weights follow the kept items, oldest first
+                full[b, start:start + len(h)] = weights[b, :len(h)]
+            start += len(h)
+        return full, self.unit[domain][torch.as_tensor(rows)]
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, domain: str | None = None,
-                  num_beams: int = 20, exclude_history: bool = True, batch_size: int = 64):
-        """Top-``k`` item indices (B, k) and scores (B, k) per history; -1 / -inf pad."""
-        from recbase.search import beam_search
+                  num_beams: int = 20, exclude_history: bool = True, batch_size: int = 64,
+                  mode: str | None = None):
+        """Top-``k`` item indices (B, k) and scores (B, k) per history; -1 / -inf pad.
 
-        domain = self._domain(domain)
+        mode: "generative" (beam search), "dense" (exact dense top-k over the catalog) or "hybrid"
+        (the beam's ``num_beams`` items with the dense top-``num_beams``, fused); default "hybrid"
+        when the Recommender has item embeddings, else "generative".
+        """
+        domain, mode = self._domain(domain), self._mode(mode)
         if num_beams < k:
             raise ValueError(f"num_beams ({num_beams}) must be >= k ({k})")
+        w = self.fusion_weight(domain)
         items_out = np.full((len(histories), k), -1, dtype=np.int64)
         scores_out = np.full((len(histories), k), -np.inf, dtype=np.float64)
         for s in range(0, len(histories), batch_size):
             chunk = histories[s:s + batch_size]
-            toks = [t.to(self.device) for t in history_tokens(chunk, self.codes[domain], self.vocab, self.max_items)]
-            with self._reading(domain):
-                items, scores = beam_search(self.model, self.tries[domain], toks, num_beams=num_beams, k=num_beams)
-            items, scores = items.cpu().numpy(), scores.cpu().numpy()
-            for j, h in enumerate(chunk):
-                keep = items[j] >= 0
-                if exclude_history:
-                    keep &= ~np.isin(items[j], np.asarray(h, dtype=np.int64))
-                sel = np.flatnonzero(keep)[:k]
-                items_out[s + j, :len(sel)] = items[j, sel]
-                scores_out[s + j, :len(sel)] = scores[j, sel]
+            for j, (items, scores) in enumerate(self._ranked(chunk, domain, num_beams, exclude_history, mode, w)):
+                sel = slice(0, min(k, len(items)))
+                items_out[s + j, sel] = items[sel]
+                scores_out[s + j, sel] = scores[sel]
         return items_out, scores_out
 
+    def _ranked(self, chunk, domain, num_beams, exclude_history, mode, w):
+        """Per history: (items, scores) best first, history items dropped when asked."""
+        pools = self.candidate_pool(chunk, domain, num_beams, exclude_history, mode)
+        out = []
+        for items, gen, dense in pools:
+            score = gen if mode == "generative" else dense if mode == "dense" else (1 - w) * gen + w * dense
+            order = np.lexsort((items, -score))
+            out.append((items[order], score[order]))
+        return out
+
+    @torch.no_grad()
+    def candidate_pool(self, chunk, domain, num_beams, exclude_history=True, mode="hybrid"):
+        """Per history: (candidate items, generative log-likelihoods, dense scores) of the pool a
+        mode ranks -- the beam's items ("generative"), the dense top-``num_beams`` ("dense"), or
+        both ("hybrid"; every candidate then carries both scores). Unused scores are NaN."""
+        from recbase.search import beam_search
+
+        toks, vectors, kept = self._prefill_inputs(chunk, domain)
+        scorer = self.model if vectors is None else _WithItemVectors(self.model, vectors)
+        pools: list[list[np.ndarray]] = [[] for _ in chunk]
+        banned = [np.asarray(h, dtype=np.int64) for h in chunk] if exclude_history else None
+        with self._reading(domain):
+            if mode in ("generative", "hybrid"):
+                items, scores = beam_search(scorer, self.tries[domain], toks, num_beams=num_beams, k=num_beams)
+                for j, (it, sc) in enumerate(zip(items.cpu().numpy(), scores.cpu().numpy())):
+                    keep = it >= 0
+                    if banned is not None:
+                        keep &= ~np.isin(it, banned[j])
+                    pools[j] = [it[keep], sc[keep].astype(np.float64)]
+            weights = None
+            if mode in ("dense", "hybrid"):
+                if vectors is not None and isinstance(scorer, _WithItemVectors) and scorer.history_weights is not None:
+                    weights = scorer.history_weights
+                else:
+                    weights = self.model.start_generation(toks, item_vectors=vectors)[0].history_weights
+                full, hist = self._dense_inputs(weights, kept, domain)
+                tau = float(self.model.dense_temperature().detach())
+                d_items, d_scores = dense_top_n(full, hist, self.unit[domain], tau, num_beams, banned=banned)
+                for j, (it, sc) in enumerate(zip(d_items.numpy(), d_scores.numpy())):
+                    it = it[it >= 0]
+                    if mode == "dense":
+                        pools[j] = [it, np.full(len(it), np.nan), sc[:len(it)].astype(np.float64)]
+                    else:
+                        pools[j][0] = np.union1d(pools[j][0], it)
+            if mode == "hybrid":
+                cands = [p[0] for p in pools]
+                gen = score_candidates(scorer, toks, cands, self.codes[domain])
+                dense = self._dense_scores(full, hist, cands, domain, tau)
+                pools = [[c, g, d] for c, g, d in zip(cands, gen, dense)]
+        if mode == "generative":
+            pools = [[it, sc, np.full(len(it), np.nan)] for it, sc in pools]
+        return [tuple(p) for p in pools]
+
+    def _dense_scores(self, full, hist, cands, domain, tau):
+        out = []
+        for b, c in enumerate(cands):
+            c_t = torch.as_tensor(np.asarray(c, dtype=np.int64))
+            out.append(dense_kernel_scores(full[b:b + 1], hist, self.unit[domain][c_t], tau)[0]
+                       .double().cpu().numpy())
+        return out
+
     def score(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
-              domain: str | None = None, batch_size: int = 64) -> list[np.ndarray]:
-        """Log-likelihood of each candidate item given its history (zero-shot CTR scoring)."""
-        domain = self._domain(domain)
+              domain: str | None = None, batch_size: int = 64, mode: str | None = None) -> list[np.ndarray]:
+        """Score of each candidate item given its history (zero-shot CTR scoring): its concept
+        ID's log-likelihood ("generative"), the dense score ("dense") or their fusion ("hybrid",
+        the default with item embeddings), as in :meth:`recommend`."""
+        domain, mode = self._domain(domain), self._mode(mode)
+        w = self.fusion_weight(domain)
         if len(candidates) != len(histories):
             raise ValueError(f"candidates: expected one list per history ({len(histories)}), "
                              f"got {len(candidates)}")
@@ -140,8 +308,58 @@ class Recommender:
             for b, c in enumerate(cands):
                 if len(c) and (c.min() < 0 or c.max() >= n):
                     raise ValueError(f"candidates[{s + b}]: item index out of range [0, {n})")
-            toks = [t.to(self.device) for t in history_tokens(histories[s:s + batch_size], self.codes[domain],
-                                                               self.vocab, self.max_items)]
-            with self._reading(domain):
-                out.extend(score_candidates(self.model, toks, cands, self.codes[domain]))
+            toks, vectors, kept = self._prefill_inputs(histories[s:s + batch_size], domain)
+            with torch.no_grad(), self._reading(domain):
+                gen = dense = None
+                if mode != "dense":
+                    scorer = self.model if vectors is None else _WithItemVectors(self.model, vectors)
+                    gen = score_candidates(scorer, toks, cands, self.codes[domain])
+                if mode != "generative":
+                    weights = self.model.start_generation(toks, item_vectors=vectors)[0].history_weights
+                    full, hist = self._dense_inputs(weights, kept, domain)
+                    dense = self._dense_scores(full, hist, cands, domain, float(self.model.dense_temperature().detach()))
+            out.extend(gen if mode == "generative" else dense if mode == "dense"
+                       else [(1 - w) * g + w * d for g, d in zip(gen, dense)])
         return out
+
+
+def choose_fusion(rec: Recommender, domain: str, histories, targets, *, reading: str,
+                  grid: Sequence[float] = tuple(np.round(np.linspace(0, 1, 11), 2)), k: int = 10,
+                  num_beams: int = 60, batch_size: int = 64) -> dict:
+    """Choose the hybrid fusion weight w on a SOURCE domain's validation items and store it in
+    ``rec.model.config.fusion_weights[reading]`` (saved with the model).
+
+    reading="seen" scores the domain as the model reads it in-domain; reading="unseen" reads it by
+    content alone, as a domain it never saw would be read, so the weight used zero-shot is chosen
+    without any interaction of the target domain. The candidate pool and both scores are computed
+    once; each w only re-ranks. Returns {"weight": w, "ndcg@k": {w: NDCG@k}} (ties: the smaller w).
+    """
+    from recbase.evaluate import ndcg_at_k
+
+    if reading not in ("seen", "unseen"):
+        raise ValueError(f"reading: expected 'seen' or 'unseen', got {reading!r}")
+    domain = rec._domain(domain)
+    rec._mode("hybrid")
+    targets = np.asarray(targets, dtype=np.int64)
+    if len(targets) != len(histories):
+        raise ValueError(f"targets: expected one per history ({len(histories)}), got {len(targets)}")
+    saved = rec.unseen_domains
+    rec.unseen_domains = saved | {domain} if reading == "unseen" else saved - {domain}
+    try:
+        pools = []
+        for s in range(0, len(histories), batch_size):
+            pools.extend(rec.candidate_pool(histories[s:s + batch_size], domain, num_beams, True, "hybrid"))
+    finally:
+        rec.unseen_domains = saved
+    table = {}
+    for w in grid:
+        ranked = np.full((len(pools), k), -1, dtype=np.int64)
+        for b, (items, gen, dense) in enumerate(pools):
+            order = np.lexsort((items, -((1 - w) * gen + w * dense)))[:k]
+            ranked[b, :len(order)] = items[order]
+        table[float(w)] = float(ndcg_at_k(ranked, targets, k))
+    best = max(table, key=lambda w: (table[w], -w))
+    weights = dict(getattr(rec.model.config, "fusion_weights", {}) or {})
+    weights[reading] = best
+    rec.model.config.fusion_weights = weights
+    return {"weight": best, f"ndcg@{k}": table}

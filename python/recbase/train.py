@@ -52,6 +52,53 @@ def random_rotation(dim: int, rng: np.random.Generator) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).to(torch.float32)
 
 
+class ItemVectors:
+    """The text embedding of every catalog item, found by its concept tokens: what the dense
+    item channel (``RecBaseConfig.item_vector_dim``) reads while training.
+
+    tokens: (N, L) concept token ids of the items (``ItemTokenizer.tokens(codes)``; the rows of
+    several domains' catalogs may be stacked, IDs are unique across one tokenizer's catalogs);
+    embeddings: (N, d) float, row i = item i.
+    """
+
+    def __init__(self, tokens, embeddings, codebook_size: int):
+        tokens = np.asarray(tokens)
+        emb = np.asarray(embeddings)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"item_vectors tokens: expected an (N, L) integer array, got {tokens.dtype} {tokens.shape}")
+        if emb.ndim != 2 or emb.shape[0] != tokens.shape[0] or not np.issubdtype(emb.dtype, np.floating):
+            raise ValueError(f"item_vectors embeddings: expected a float ({tokens.shape[0]}, d) array (one row per "
+                             f"item of tokens), got {emb.dtype} {emb.shape}")
+        if not np.isfinite(emb).all():
+            raise ValueError("item_vectors embeddings: contains NaN or inf")
+        K, L = int(codebook_size), tokens.shape[1]
+        codes = tokens.astype(np.int64) - 4 - np.arange(L)[None, :] * K
+        if len(codes) and (codes.min() < 0 or codes.max() >= K):
+            raise ValueError(f"item_vectors tokens: not concept tokens of {L} levels x {K} codes")
+        keys = (codes * K ** np.arange(L, dtype=np.int64)[None, :]).sum(1)
+        order = np.argsort(keys, kind="stable")
+        if len(keys) > 1 and (np.diff(keys[order]) == 0).any():
+            raise ValueError("item_vectors tokens: two items share a concept ID (IDs must be unique)")
+        self.keys = torch.from_numpy(keys[order])
+        self.embeddings = torch.from_numpy(emb[order].astype(np.float32))
+        self.dim = emb.shape[1]
+
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        """[P, d] embeddings of the items with these keys (``RecBaseForCausalLM.item_keys``)."""
+        pos = torch.searchsorted(self.keys, keys.cpu()).clamp_max(max(len(self.keys) - 1, 0))
+        if len(self.keys) == 0 or bool((self.keys[pos] != keys.cpu()).any()):
+            raise ValueError("a training sequence holds an item that is not in item_vectors")
+        return self.embeddings[pos]
+
+    def per_token(self, model, ids: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+        """[N, d] item vectors of a packed batch (each item's vector on its last token)."""
+        _, level, _, _ = model.sequence_layout(ids, cu)
+        ends = ((level == model.config.levels - 1) & (ids >= 4)).nonzero().squeeze(1)
+        out = torch.zeros(ids.shape[0], self.dim)
+        out[ends.cpu()] = self.lookup(model.item_keys(ids, ends))
+        return out
+
+
 def _core_model(model):
     """The RecBaseForCausalLM inside a LoRA (peft) wrapper, or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -166,7 +213,8 @@ def pretraining_sequences(split, item_tokens: np.ndarray, bos: int, max_items: i
 
 def recent_pass(model, split, item_tokens: np.ndarray, bos: int, max_items: int, valid: Sequence, *,
                 epochs: int = 1, lr: float = 5e-4, tokens_per_batch: int = 2048, seed: int = 1,
-                device: str = "cpu", progress: bool = True, output_dir=None) -> dict:
+                device: str = "cpu", progress: bool = True, output_dir=None,
+                item_vectors: "ItemVectors | None" = None) -> dict:
     """The closing pass of pretraining: ``epochs`` passes over every user's most recent window
     (its last ``max_items`` training items) with the concepts read normally -- no rotated
     content-only steps -- at a low learning rate, warm-up 10 steps + cosine. Returns the
@@ -184,7 +232,7 @@ def recent_pass(model, split, item_tokens: np.ndarray, bos: int, max_items: int,
     train, _ = pretraining_sequences(split, item_tokens, bos, max_items, recent=max_items, valid_users=[])
     cfg = TrainConfig(epochs=epochs, tokens_per_batch=tokens_per_batch, lr=lr, warmup_steps=10, seed=seed,
                       device=device, progress=progress)
-    return Trainer(model, train, valid, cfg, output_dir=output_dir).fit()
+    return Trainer(model, train, valid, cfg, output_dir=output_dir, item_vectors=item_vectors).fit()
 
 
 def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -205,10 +253,13 @@ class Trainer:
 
     ``train`` and ``valid`` are lists of 1-D token-id sequences; in ``valid`` the last
     ``levels`` tokens of each sequence are the held-out item that the validation loss scores.
+    ``item_vectors`` (:class:`ItemVectors`) feeds a model's dense item channel and adds its
+    alignment loss (``RecBaseConfig.dense_loss_weight``); under DDP/FSDP that loss is each rank's
+    own in-batch mean, weighted by its share of the concept targets.
     """
 
     def __init__(self, model, train: Sequence, valid: Sequence, config: TrainConfig,
-                 output_dir: str | os.PathLike | None = None):
+                 output_dir: str | os.PathLike | None = None, item_vectors: ItemVectors | None = None):
         if len(train) == 0:
             raise ValueError("train: no training sequences")
         if not 0.0 <= config.mask_rate <= 1.0:
@@ -218,6 +269,17 @@ class Trainer:
         if config.content_rotation_rate and not getattr(model.config, "concept_vector_dim", 0):
             raise ValueError("content_rotation_rate > 0 needs a model with concept vectors "
                              "(RecBaseConfig(concept_vector_dim=...) and model.set_concept_vectors)")
+        if item_vectors is not None:
+            dim = getattr(_core_model(model).config, "item_vector_dim", 0)
+            if not isinstance(item_vectors, ItemVectors):
+                raise TypeError(f"item_vectors: expected recbase.train.ItemVectors, got {type(item_vectors).__name__}")
+            if item_vectors.dim != dim:
+                raise ValueError(f"item_vectors: embeddings of width {item_vectors.dim}, but the model's "
+                                 f"item_vector_dim is {dim}")
+            if config.mask_rate:
+                raise ValueError("mask_rate > 0 with item_vectors is not supported: a masked item has no "
+                                 "identity to look its vector up by")
+        self.item_vectors = item_vectors
         self.model = model
         self.cfg = config
         self.train_seqs = [torch.as_tensor(s, dtype=torch.long) for s in train]
@@ -315,7 +377,8 @@ class Trainer:
             return ValueError(f"checkpoint {path} is corrupt or does not match the model: {exc}")
 
         try:
-            ck = torch.load(path, map_location="cpu" if self.fsdp else self.device, weights_only=False)
+            # weights_only: a checkpoint is tensors and plain containers; never unpickle code
+            ck = torch.load(path, map_location="cpu" if self.fsdp else self.device, weights_only=True)
             written_sharded = bool(ck.get("fsdp", False))
         except Exception as exc:  # a truncated or foreign file must not be half-loaded silently
             raise corrupt(exc) from exc
@@ -337,8 +400,11 @@ class Trainer:
         ids, cu, labels = collate(seqs, target_items_only, labels)
         ids, cu, labels = ids.to(self.device), cu.to(self.device), labels.to(self.device)
         model = self.ddp if (train and self.ddp is not None) else self.model
+        extra = {}
+        if self.item_vectors is not None:
+            extra["item_vectors"] = self.item_vectors.per_token(_core_model(self.model), ids, cu).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = model(input_ids=ids, cu_seqlens=cu, labels=labels)
+            out = model(input_ids=ids, cu_seqlens=cu, labels=labels, **extra)
         n_targets = self._num_targets(cu, labels)
         return out.loss.float() * n_targets, n_targets  # the model's loss is a mean over targets
 
@@ -469,7 +535,7 @@ class Trainer:
 
     def _restore_best(self) -> None:
         if self.output_dir and (self.output_dir / "best.pt").exists():
-            self.load_full_state_dict(torch.load(self.output_dir / "best.pt",
+            self.load_full_state_dict(torch.load(self.output_dir / "best.pt", weights_only=True,
                                                  map_location="cpu" if self.fsdp else self.device))
         elif getattr(self, "_best_in_memory", None) is not None:
             self.load_full_state_dict(self._best_in_memory)

@@ -49,6 +49,16 @@ class RecBaseConfig(PretrainedConfig):
             tokenizer's codebooks) and adds a learned projection of it to every concept token's
             input embedding and output-head row, so concepts it never trained on (a new domain's)
             still mean something to it.
+        item_vector_dim: width of the dense item channel (0 = none; when both are set it must equal
+            ``concept_vector_dim``, so one rotation turns both). Each item is then also read through
+            its full text embedding (projected, added to the item's last token), and a dense head
+            predicts the next item as a mixture of von Mises-Fisher kernels centred on the history
+            items' embeddings, with weights from the model (``dense_kernel_scores``); trained by
+            ``dense_loss_weight`` x an in-batch softmax over the next items (LIGER-style alignment).
+        dense_loss_weight: weight of the dense alignment loss next to the next-concept CE.
+        fusion_weights: weight w of the dense score in hybrid scoring, ``(1 - w) * generative +
+            w * dense``, per reading: ``{"seen": w, "unseen": w}`` (domains read normally / by content
+            alone); chosen on the source domains' validation items (``recbase.recommend.choose_fusion``).
     """
 
     model_type = "recbase"
@@ -59,7 +69,8 @@ class RecBaseConfig(PretrainedConfig):
                  head_dim: int | None = None, rms_norm_eps: float = 1e-6, rope_theta: float = 10000.0,
                  initializer_range: float = 0.02, attention_mask_type: str = "causal",
                  item_position_embedding: bool = False, kernel_backend: str = "auto",
-                 concept_vector_dim: int = 0, vocab_size: int | None = None, **kwargs):
+                 concept_vector_dim: int = 0, item_vector_dim: int = 0, dense_loss_weight: float = 1.0,
+                 fusion_weights: dict | None = None, vocab_size: int | None = None, **kwargs):
         if levels < 1 or codebook_size < 1 or max_items < 1:
             raise ValueError(f"levels, codebook_size, max_items must be >= 1, got "
                              f"{levels}, {codebook_size}, {max_items}")
@@ -81,6 +92,17 @@ class RecBaseConfig(PretrainedConfig):
             raise ValueError(f"attention_mask_type must be 'causal' or 'item', got {attention_mask_type!r}")
         if int(concept_vector_dim) < 0:
             raise ValueError(f"concept_vector_dim must be >= 0, got {concept_vector_dim}")
+        if int(item_vector_dim) < 0:
+            raise ValueError(f"item_vector_dim must be >= 0, got {item_vector_dim}")
+        if item_vector_dim and concept_vector_dim and int(item_vector_dim) != int(concept_vector_dim):
+            raise ValueError(f"item_vector_dim ({item_vector_dim}) must equal concept_vector_dim "
+                             f"({concept_vector_dim}): one rotation turns concept content and item vectors")
+        if not dense_loss_weight >= 0:
+            raise ValueError(f"dense_loss_weight must be >= 0, got {dense_loss_weight!r}")
+        fusion_weights = dict(fusion_weights or {})
+        for key, w in fusion_weights.items():
+            if key not in ("seen", "unseen") or not 0.0 <= float(w) <= 1.0:
+                raise ValueError(f"fusion_weights: expected {{'seen'|'unseen': w in [0, 1]}}, got {key!r}: {w!r}")
         if kernel_backend not in ("auto", "reference", "triton"):
             raise ValueError(f"kernel_backend must be 'auto', 'reference' or 'triton', got {kernel_backend!r}")
         self.levels = int(levels)
@@ -100,6 +122,9 @@ class RecBaseConfig(PretrainedConfig):
         self.item_position_embedding = bool(item_position_embedding)
         self.kernel_backend = kernel_backend
         self.concept_vector_dim = int(concept_vector_dim)
+        self.item_vector_dim = int(item_vector_dim)
+        self.dense_loss_weight = float(dense_loss_weight)
+        self.fusion_weights = {k: float(v) for k, v in fusion_weights.items()}
         kwargs.setdefault("pad_token_id", PAD_ID)
         kwargs.setdefault("bos_token_id", BOS_ID)
         kwargs.setdefault("eos_token_id", EOS_ID)

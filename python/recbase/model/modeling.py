@@ -45,6 +45,7 @@ from recbase.ops.attention import (
 )
 
 from .config import BOS_ID, MASK_ID, NUM_SPECIAL_TOKENS, PAD_ID, RecBaseConfig
+from .dense import dense_kernel_scores, unit_rows
 
 IGNORE_INDEX = -100
 
@@ -59,6 +60,7 @@ class RecBaseOutput(ModelOutput):
     logits: Optional[torch.Tensor] = None
     next_levels: Optional[torch.Tensor] = None
     hidden_states: Optional[torch.Tensor] = None
+    dense_loss: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -79,6 +81,7 @@ class GenerationState:
     suffix_values: List[torch.Tensor]
     last_item: torch.Tensor
     next_level: int
+    history_weights: Optional[torch.Tensor] = None  # [B, M] dense-kernel weight of each history item
 
     @property
     def num_rows(self) -> int:
@@ -239,18 +242,23 @@ class RecBasePreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
 
 
+def _project(project: nn.Module, vectors: torch.Tensor, mode) -> torch.Tensor:
+    """project(vectors), or project(vectors @ rotation) under ``content_only(rotation)``."""
+    rotation = None if mode is None else mode[0]
+    if rotation is None:
+        return project(vectors)
+    if type(project) is nn.Linear and project.bias is None:
+        # project(v R) = v (W R^T)^T: turning the [H, d] weight costs H*d*d, the [L*K, d] vectors L*K*d*d
+        return F.linear(vectors, project.weight @ rotation.T)
+    return project(vectors @ rotation)  # e.g. a wrapped (adapted) projection
+
+
 def _with_content(free: torch.Tensor, project: nn.Module, vectors: torch.Tensor, mode) -> torch.Tensor:
     """Concept rows: free + project(vectors); under ``content_only`` project(vectors @ rotation)
     alone (``0 * free`` keeps the free rows in the graph, so DDP sees every parameter used)."""
     if mode is None:
         return free + project(vectors)
-    rotation = mode[0]
-    if rotation is None:
-        return project(vectors) + 0.0 * free
-    if type(project) is nn.Linear and project.bias is None:
-        # project(v R) = v (W R^T)^T: turning the [H, d] weight costs H*d*d, the [L*K, d] vectors L*K*d*d
-        return F.linear(vectors, project.weight @ rotation.T) + 0.0 * free
-    return project(vectors @ rotation) + 0.0 * free  # e.g. a wrapped (adapted) projection
+    return _project(project, vectors, mode) + 0.0 * free
 
 
 class RecBaseModel(RecBasePreTrainedModel):
@@ -268,6 +276,9 @@ class RecBaseModel(RecBasePreTrainedModel):
             self.concept_in = nn.Linear(d, config.hidden_size, bias=False)
         else:
             self.concept_vectors, self.concept_in = None, None
+        # dense item channel: an item's full text embedding, projected, on its last token
+        self.item_in = (nn.Linear(config.item_vector_dim, config.hidden_size, bias=False)
+                        if config.item_vector_dim else None)
         self.content_mode: tuple | None = None  # set by RecBaseForCausalLM.content_only
         self.layers = nn.ModuleList(RecBaseDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -289,8 +300,10 @@ class RecBaseModel(RecBasePreTrainedModel):
     def rotary(self, item, dtype):
         return rotary_cos_sin(item, self.config.head_dim, self.config.rope_theta, dtype)
 
-    def forward(self, ids, cu_seqlens, item, level, backend, cache_out=None):
+    def forward(self, ids, cu_seqlens, item, level, backend, cache_out=None, item_vectors=None):
         h = self.embed(ids, level, item, backend)
+        if item_vectors is not None and self.item_in is not None:
+            h = h + _project(self.item_in, item_vectors.to(h.dtype), self.content_mode).to(h.dtype)
         cos, sin = self.rotary(item, h.dtype)
         mask = self.config.attention_mask_type
         for layer in self.layers:
@@ -307,6 +320,12 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.concept_out = (nn.Linear(config.concept_vector_dim, config.hidden_size, bias=False)
                             if config.concept_vector_dim else None)
+        if config.item_vector_dim:  # dense head: attention of the last position over the history items
+            self.dense_query = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+            self.dense_key = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+            self.dense_log_temperature = nn.Parameter(torch.tensor(math.log(0.1)))
+        else:
+            self.dense_query = self.dense_key = self.dense_log_temperature = None
         self.post_init()
 
     @torch.no_grad()
@@ -453,13 +472,17 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 return_loss: Optional[bool] = None, output_logits: Optional[bool] = None,
-                output_hidden_states: bool = False, return_dict: bool = True, **kwargs) -> RecBaseOutput:
+                output_hidden_states: bool = False, return_dict: bool = True,
+                item_vectors: Optional[torch.Tensor] = None, **kwargs) -> RecBaseOutput:
         """Next-token scoring restricted to the next level's codes.
 
         input_ids: padded [B, T] (+ attention_mask, default ``input_ids != PAD``) or packed [N] with
         ``cu_seqlens`` [B+1]. labels: same shape as input_ids (unshifted, -100 = ignore; default the
         inputs when ``return_loss``); the target of position t is labels[t+1] within its sequence.
-        Returns RecBaseOutput(loss, logits, next_levels).
+        item_vectors (models with ``item_vector_dim``): the text embedding of each token's item,
+        [B, T, d] or [N, d] like input_ids (read at each item's last token only). With a loss, the
+        dense alignment loss is added (``dense_loss_weight``; also returned as ``dense_loss``).
+        Returns RecBaseOutput(loss, logits, next_levels, dense_loss).
         """
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -475,10 +498,14 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         item, level, next_level, seq = self.sequence_layout(ids, cu)
         ids = ids.to(torch.int64)
         cu32 = cu.to(torch.int32)
-        h = self.model(ids, cu32, item, level, self.backend)
+        vectors = None
+        if item_vectors is not None:
+            vectors = self._check_item_vectors(item_vectors, tuple(input_ids.shape))
+            vectors = (vectors[keep] if padded else vectors).to(ids.device)
+        h = self.model(ids, cu32, item, level, self.backend, item_vectors=self._at_item_ends(vectors, ids, level))
 
         want_loss = labels is not None or bool(return_loss)
-        loss = None
+        loss = dense_loss = None
         if want_loss:
             if labels is None:
                 tgt_tokens = ids
@@ -492,6 +519,9 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
                                          self.config.levels, backend=self.backend)
             count = (target >= 0).sum()
             loss = losses.sum() / count.clamp_min(1)
+            if vectors is not None:
+                dense_loss = self._dense_loss(h, ids, level, seq, target, vectors)
+                loss = loss + self.config.dense_loss_weight * dense_loss
         logits = None
         if output_logits or (output_logits is None and not want_loss):
             logits = level_logits(h, self._concept_head(), next_level, self.config.levels)
@@ -504,8 +534,85 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
                 nl[keep] = next_level
                 next_level = nl
         out = RecBaseOutput(loss=loss, logits=logits, next_levels=next_level if logits is not None else None,
-                            hidden_states=h if output_hidden_states else None)
+                            hidden_states=h if output_hidden_states else None, dense_loss=dense_loss)
         return out if return_dict else out.to_tuple()
+
+    # ------------------------------------------------------------------ dense item channel
+    def _check_item_vectors(self, vectors, shape) -> torch.Tensor:
+        d = self.config.item_vector_dim
+        if not d:
+            raise ValueError("item_vectors needs a model built with item_vector_dim > 0")
+        vectors = torch.as_tensor(vectors)
+        if not vectors.is_floating_point() or tuple(vectors.shape) != tuple(shape) + (d,):
+            raise ValueError(f"item_vectors: expected a float tensor of shape {tuple(shape) + (d,)} "
+                             f"(input_ids' shape + item_vector_dim), got {vectors.dtype} {tuple(vectors.shape)}")
+        if not bool(torch.isfinite(vectors).all()):
+            raise ValueError("item_vectors: contains NaN or inf")
+        return vectors.float()
+
+    def _at_item_ends(self, vectors, ids, level):
+        """Item vectors kept on each item's last token only, so no token sees its own item's
+        embedding before its codes are predicted."""
+        if vectors is None:
+            return None
+        end = (level == self.config.levels - 1) & (ids >= NUM_SPECIAL_TOKENS)
+        return vectors * end[:, None].to(vectors.dtype)
+
+    def item_keys(self, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """One integer per item (its concept tuple, sum_l code_l K^l), for the items ending at
+        packed positions ``ends``; -1 for an item with a MASK token."""
+        L, K = self.config.levels, self.config.codebook_size
+        toks = ids[ends[:, None] - torch.arange(L - 1, -1, -1, device=ids.device)[None, :]]  # [P, L]
+        codes = toks - NUM_SPECIAL_TOKENS - torch.arange(L, device=ids.device)[None, :] * K
+        key = (codes * (K ** torch.arange(L, device=ids.device))[None, :]).sum(1)
+        return torch.where((toks == MASK_ID).any(1), torch.full_like(key, -1), key)
+
+    def dense_temperature(self) -> torch.Tensor:
+        return self.dense_log_temperature.exp().clamp_min(0.02)  # a sharper kernel underflows
+
+    def _history_weights(self, h, query_pos, query_seq, ends, end_seq) -> torch.Tensor:
+        """[Q, P] softmax weights of each query position over the items that end at or before it
+        in its own sequence (rows without such an item are all zero)."""
+        q = self.dense_query(h[query_pos]).float()
+        k = self.dense_key(h[ends]).float()
+        logits = q @ k.T / math.sqrt(q.shape[1])
+        allowed = (end_seq[None, :] == query_seq[:, None]) & (ends[None, :] <= query_pos[:, None])
+        w = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=1)
+        return torch.nan_to_num(w, nan=0.0) * allowed, allowed
+
+    def _dense_loss(self, h, ids, level, seq, target, vectors) -> torch.Tensor:
+        """In-batch softmax of the next item's dense score against every other item of the batch
+        (the user's own history items excluded, as at recommendation time)."""
+        if self.dense_query is None:
+            raise ValueError("item_vectors given but the model has no dense head (item_vector_dim=0)")
+        ends = ((level == self.config.levels - 1) & (ids >= NUM_SPECIAL_TOKENS)).nonzero().squeeze(1)
+        zero = h.sum() * 0.0
+        if ends.numel() < 2:
+            return zero
+        end_seq, keys = seq[ends], self.item_keys(ids, ends)
+        nxt = torch.arange(1, ends.numel(), device=ends.device)
+        trans = torch.zeros(ends.numel(), dtype=torch.bool, device=ends.device)
+        trans[:-1] = (end_seq[nxt] == end_seq[:-1]) & (target[ends[:-1]] >= 0) & (keys[nxt] >= 0) & (keys[:-1] >= 0)
+        if not bool(trans.any()):
+            return zero
+        valid_keys = keys >= 0
+        cand_keys, inverse = torch.unique(keys[valid_keys], return_inverse=True)
+        unit = unit_rows(vectors[ends])
+        cand = unit.new_zeros((cand_keys.numel(), unit.shape[1]))
+        cand[inverse] = unit[valid_keys]
+        member = torch.full_like(keys, -1)
+        member[valid_keys] = inverse
+        rows = trans.nonzero().squeeze(1)
+        weights, allowed = self._history_weights(h, ends[rows], end_seq[rows], ends, end_seq)  # [T, P]
+        scores = dense_kernel_scores(weights, unit, cand, self.dense_temperature())  # [T, C]
+        onehot = F.one_hot(member.clamp_min(0), cand_keys.numel()).float() * valid_keys[:, None]
+        seen = allowed.float() @ onehot > 0  # a candidate the user already has
+        tgt = member[rows + 1]
+        keep = ~seen.gather(1, tgt[:, None]).squeeze(1)  # a repeat of a history item: no target
+        if not bool(keep.any()):
+            return zero
+        scores = scores.masked_fill(seen, float("-inf"))
+        return F.cross_entropy(scores[keep], tgt[keep])
 
     def _targets(self, tokens: torch.Tensor, next_level: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """Code of the next token at every position (-100 at sequence ends / ignored labels)."""
@@ -538,11 +645,15 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         return torch.log_softmax((h @ w.T).float(), dim=-1)
 
     @torch.no_grad()
-    def start_generation(self, histories: Sequence[torch.Tensor], truncate: bool = True):
+    def start_generation(self, histories: Sequence[torch.Tensor], truncate: bool = True,
+                         item_vectors: Optional[Sequence[torch.Tensor]] = None):
         """Prefill each history once. histories: list of B 1-D LongTensors (item-aligned concept
         tokens, optionally BOS first; an empty history is read as [BOS]), or a padded [B, T] tensor
         (PAD=0 entries dropped). With ``truncate`` a history longer than max_items - 1 items keeps
         its most recent items (and its BOS), leaving room for one generated item; otherwise it raises.
+        item_vectors (models with a dense channel): per history a [n_items, d] tensor, the text
+        embeddings of its items (truncated with it); the state then holds ``history_weights``
+        [B, M], the dense kernel's weight on each of the (kept) history items, oldest first.
         Returns (state, log_probs [B, K] float32 over level-0 codes of the next item)."""
         self._check_generation_ready()
         L = self.config.levels
@@ -553,7 +664,10 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         if len(histories) == 0:
             raise ValueError("histories must hold at least one history")
         dev = self.lm_head.weight.device
-        seqs = []
+        if item_vectors is not None and len(item_vectors) != len(histories):
+            raise ValueError(f"item_vectors: expected one [n_items, d] tensor per history ({len(histories)}), "
+                             f"got {len(item_vectors)}")
+        seqs, vecs = [], []
         for i, hist in enumerate(histories):
             hist = torch.as_tensor(hist)
             if hist.dim() != 1:
@@ -565,6 +679,10 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
                 raise ValueError(f"history {i} must be item-aligned: {hist.numel() - int(has_bos)} concept "
                                  f"tokens is not a multiple of levels={L}")
             keep_tokens = (self.config.max_items - 1) * L
+            if item_vectors is not None:
+                n_items = (hist.numel() - int(has_bos)) // L
+                v = self._check_item_vectors(item_vectors[i], (n_items,))
+                vecs.append(v[n_items - min(n_items, keep_tokens // L if truncate else n_items):])
             if truncate and hist.numel() - int(has_bos) > keep_tokens:
                 tail = hist[hist.numel() - keep_tokens:] if keep_tokens else hist[:0]
                 hist = torch.cat([hist[:1], tail]) if has_bos else tail
@@ -576,10 +694,26 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         cu[1:] = lens.cumsum(0)
         ids = torch.cat(seqs)
         item, level, _, seq = self.sequence_layout(ids, cu)
+        per_token = None
+        if item_vectors is not None:
+            ends = ((level == L - 1) & (ids >= NUM_SPECIAL_TOKENS)).nonzero().squeeze(1)
+            per_token = torch.zeros(ids.shape[0], self.config.item_vector_dim, device=dev)
+            per_token[ends] = torch.cat(vecs).to(dev)
         layer_kv: list = []
-        h = self.model(ids, cu.to(torch.int32), item, level, self.backend, cache_out=layer_kv)
+        h = self.model(ids, cu.to(torch.int32), item, level, self.backend, cache_out=layer_kv,
+                       item_vectors=per_token)
         last = cu[1:] - 1
         b = len(seqs)
+        weights = None
+        if item_vectors is not None and self.dense_query is not None:
+            w, allowed = self._history_weights(h, last, torch.arange(b, device=dev), ends, seq[ends])
+            counts = allowed.sum(1)
+            width = int(counts.max()) if b else 0
+            weights = torch.zeros(b, width, device=dev)
+            slot = item[ends] - 1  # item slot 1.. after BOS
+            has_bos = ids[cu[:-1]] == BOS_ID
+            slot = slot + (~has_bos[seq[ends]]).long()
+            weights[seq[ends], slot] = w[seq[ends], torch.arange(ends.numel(), device=dev)]
         t = int(lens.max())
         pos = torch.arange(ids.shape[0], device=dev) - cu[seq]
         keys, values, sk, sv = [], [], [], []
@@ -593,7 +727,7 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
             sk.append(k.new_zeros((b, 0) + tuple(k.shape[1:])))
             sv.append(v.new_zeros((b, 0) + tuple(v.shape[1:])))
         state = GenerationState(keys, values, lens.clone(), torch.arange(b, device=dev), sk, sv,
-                                item[last].clone(), 0)
+                                item[last].clone(), 0, weights)
         return state, self._log_probs(h[last], 0)
 
     def select_generation(self, state: GenerationState, index: torch.Tensor) -> GenerationState:
@@ -608,7 +742,7 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
                                state.row_user.index_select(0, index),
                                [k.index_select(0, index) for k in state.suffix_keys],
                                [v.index_select(0, index) for v in state.suffix_values],
-                               state.last_item.index_select(0, index), state.next_level)
+                               state.last_item.index_select(0, index), state.next_level, state.history_weights)
 
     @torch.no_grad()
     def step_generation(self, state: GenerationState, codes: torch.Tensor, level: int):
@@ -641,5 +775,5 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
             new_v.append(sv)
         h = inner.norm(h)
         new = GenerationState(state.prefix_keys, state.prefix_values, state.prefix_lengths, state.row_user,
-                              new_k, new_v, item, (level + 1) % L)
+                              new_k, new_v, item, (level + 1) % L, state.history_weights)
         return new, self._log_probs(h, (level + 1) % L)
