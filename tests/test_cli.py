@@ -197,3 +197,37 @@ def test_cli_tokenize_takes_your_own_embeddings_or_encoder(tmp_path, capsys):
     assert main(["tokenize", *common, "--encoder", str(tmp_path), "--output", str(tmp_path / "bad")]) == 2
     assert "config.json" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # nothing written on bad input
+
+
+def test_cli_dense_channel_pretrain_evaluate_recommend(tmp_path, capsys):
+    """pretrain --dense stores fusion weights chosen on validation; evaluate/recommend --mode."""
+    rng = np.random.default_rng(2)
+    movie_items().to_csv(tmp_path / "movies.csv", index=False)
+    walks(rng, "m", 40, 30).to_csv(tmp_path / "inter.csv", index=False)
+    m_args = ["--items", str(tmp_path / "movies.csv"), "--domain", "movies"]
+    tok, model = tmp_path / "tok", tmp_path / "model"
+    assert main(["tokenize", *m_args, "--fields", "Title=title,Genres=genres", "--levels", "2",
+                 "--codebook-size", "8", "--dedup", "reassign", "--output", str(tok)]) == 0
+    pre = ["pretrain", *m_args, "--interactions", str(tmp_path / "inter.csv"), "--tokenizer", str(tok),
+           "--preset", "tiny", "--max-items", "8", "--epochs", "1", "--tokens-per-batch", "128"]
+    assert main([*pre, "--dense", "--content-rotation-rate", "0.5", "--output", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "fusion weight (seen)" in out and "fusion weight (unseen)" in out
+    saved = json.loads((model / "config.json").read_text())
+    assert saved["item_vector_dim"] == np.load(tok / "embeddings.npy").shape[1]
+    assert set(saved["fusion_weights"]) == {"seen", "unseen"}
+    for mode in ("generative", "dense", "hybrid"):
+        assert main(["evaluate", *m_args, "--interactions", str(tmp_path / "inter.csv"), "--tokenizer", str(tok),
+                     "--model", str(model), "--mode", mode]) == 0
+        metrics = json.loads(capsys.readouterr().out)
+        assert 0.0 <= metrics["ndcg@10"] <= metrics["recall@10"] <= 1.0
+    assert main(["recommend", *m_args, "--tokenizer", str(tok), "--model", str(model), "--unseen",
+                 "--history", "m3", "m4", "-k", "5", "--mode", "hybrid"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and all(line.split()[-1].startswith("m") for line in lines)
+    # a model without the dense channel: --mode dense is refused with a clear error, exit 2
+    assert main([*pre, "--output", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert main(["recommend", *m_args, "--tokenizer", str(tok), "--model", str(tmp_path / "plain"),
+                 "--history", "m3", "--mode", "dense"]) == 2
+    assert "no dense item channel" in capsys.readouterr().err

@@ -13,6 +13,9 @@ Zero-shot in a new domain: pretrain with ``--content-rotation-rate 0.5`` (the de
 ``--recent-pass-epochs 1``: one unrotated pass over each user's latest items), tokenize the new
 catalog on the pretraining tokenizer's codebooks (``tokenize --codebooks DIR``), then
 ``evaluate`` / ``recommend`` with ``--unseen`` (the domain is read by concept content alone).
+``pretrain --dense`` adds the dense item channel (each item also read through its text embedding,
+the tokenizer folder's ``embeddings.npy``) and chooses the hybrid fusion weights on the
+validation items; ``evaluate`` / ``recommend`` then take ``--mode generative|dense|hybrid``.
 
 ``--items`` / ``--interactions`` are CSV or Parquet files (columns ``item_id`` + attributes;
 ``user_id, item_id[, timestamp][, rating]``), read by ``recbase.datasets.from_files``.
@@ -103,6 +106,14 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_embeddings(tok_dir: Path, num_items: int):
+    path = tok_dir / "embeddings.npy"
+    if not path.exists():
+        raise ValueError(f"--tokenizer: {tok_dir} has no embeddings.npy (written by `recbase tokenize`), "
+                         "which the dense item channel reads")
+    return _load_embeddings(str(path), num_items)
+
+
 def _catalog(tok_dir: Path):
     from recbase.data.sequences import ItemIndex
     from recbase.tokenizer import ItemTokenizer
@@ -115,10 +126,13 @@ def _catalog(tok_dir: Path):
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from recbase import datasets
     from recbase.data.splits import leave_one_out
     from recbase.model import RecBaseConfig, RecBaseForCausalLM
-    from recbase.train import Trainer, TrainConfig, pretraining_sequences, recent_pass
+    from recbase.recommend import Recommender, choose_fusion
+    from recbase.train import ItemVectors, Trainer, TrainConfig, pretraining_sequences, recent_pass
 
     if args.recent_pass_epochs < 0:  # refused before pretraining, not after it
         raise ValueError(f"--recent-pass-epochs must be >= 0, got {args.recent_pass_epochs}")
@@ -127,9 +141,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     split = leave_one_out(data, index)
     train, valid = pretraining_sequences(split, tok.tokens(tok.codes), tok.vocab.BOS, args.max_items)
     content = args.content_rotation_rate > 0  # concept content vectors: needed to go zero-shot
+    emb = _tokenizer_embeddings(Path(args.tokenizer), len(tok.codes)) if args.dense else None
+    vectors = ItemVectors(tok.tokens(tok.codes), emb, tok.codebook_size) if args.dense else None
     cfg = RecBaseConfig.from_preset(args.preset, levels=tok.id_length, codebook_size=tok.codebook_size,
                                     max_items=args.max_items,
-                                    concept_vector_dim=tok.quantizer.codebooks.shape[2] if content else 0)
+                                    concept_vector_dim=tok.quantizer.codebooks.shape[2] if content else 0,
+                                    item_vector_dim=emb.shape[1] if args.dense else 0)
     model = RecBaseForCausalLM(cfg)
     if content:
         model.set_concept_vectors(tok.quantizer.codebooks)
@@ -137,11 +154,19 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     batch = {} if args.tokens_per_batch is None else {"tokens_per_batch": args.tokens_per_batch}
     Trainer(model, train, valid, TrainConfig(epochs=args.epochs, lr=args.lr, device=args.device, seed=args.seed,
                                              content_rotation_rate=args.content_rotation_rate, **batch),
-            output_dir=out / "run").fit()
+            output_dir=out / "run", item_vectors=vectors).fit()
     if args.recent_pass_epochs:
         recent_pass(model, split, tok.tokens(tok.codes), tok.vocab.BOS, args.max_items, valid,
                     epochs=args.recent_pass_epochs, seed=args.seed + 1, device=args.device,
-                    output_dir=out / "recent-pass", **batch)
+                    output_dir=out / "recent-pass", item_vectors=vectors, **batch)
+    if args.dense:  # hybrid fusion weights from the validation items (up to 1,000 users, seeded)
+        users = np.random.default_rng(args.seed).permutation(split.num_users)[:1000]
+        rec = Recommender(model, tok.vocab, {args.domain: tok.codes}, device=args.device,
+                          item_embeddings={args.domain: emb})
+        for reading in ("seen", "unseen") if content else ("seen",):
+            chosen = choose_fusion(rec, args.domain, [split.valid_histories[u] for u in users],
+                                   split.valid_targets[users], reading=reading, num_beams=20)
+            print(f"fusion weight ({reading}): {chosen['weight']}")
     model.save_pretrained(out)
     print(f"model saved to {out}")
     return 0
@@ -159,10 +184,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     split = leave_one_out(data, index)
     model = RecBaseForCausalLM.from_pretrained(args.model)
     rec = Recommender(model, tok.vocab, {args.domain: tok.codes}, device=args.device,
-                      unseen_domains=[args.domain] if args.unseen else [])
-    items, _ = rec.recommend(split.test_histories, k=20, num_beams=args.num_beams)
+                      unseen_domains=[args.domain] if args.unseen else [],
+                      item_embeddings=_dense_embeddings(args, model, tok, args.domain))
+    items, _ = rec.recommend(split.test_histories, k=20, num_beams=args.num_beams, mode=args.mode)
     print(json.dumps(evaluate_rankings(items, split.test_targets), indent=2))
     return 0
+
+
+def _dense_embeddings(args, model, tok, domain):
+    """The catalog's embeddings for a model with a dense channel (else None: generative only)."""
+    if not getattr(model.config, "item_vector_dim", 0):
+        if args.mode not in (None, "generative"):
+            raise ValueError(f"--mode {args.mode}: the model has no dense item channel (pretrain it with --dense)")
+        return None
+    return {domain: _tokenizer_embeddings(Path(args.tokenizer), len(tok.codes))}
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
@@ -172,9 +207,10 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     tok, index = _catalog(Path(args.tokenizer))
     model = RecBaseForCausalLM.from_pretrained(args.model)
     rec = Recommender(model, tok.vocab, {"catalog": tok.codes}, device=args.device,
-                      unseen_domains=["catalog"] if args.unseen else [])
+                      unseen_domains=["catalog"] if args.unseen else [],
+                      item_embeddings=_dense_embeddings(args, model, tok, "catalog"))
     history = index.encode(args.history)
-    items, scores = rec.recommend([history], k=args.k, num_beams=max(args.num_beams, args.k))
+    items, scores = rec.recommend([history], k=args.k, num_beams=max(args.num_beams, args.k), mode=args.mode)
     for item, score in zip(index.decode(items[0][items[0] >= 0]), scores[0]):
         print(f"{score:10.4f}  {item}")
     return 0
@@ -213,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--unseen", action="store_true",
                            help="a domain the model never trained on: read it by concept content alone "
                                 "(needs a model pretrained with --content-rotation-rate > 0)")
+            s.add_argument("--mode", default=None, choices=["generative", "dense", "hybrid"],
+                           help="beam search, the dense head, or both fused (default: hybrid for a model "
+                                "pretrained with --dense, else generative)")
 
     s = sub.add_parser("tokenize", help="item text -> embeddings -> unique concept IDs")
     common(s)
@@ -249,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recent-pass-epochs", type=int, default=0,
                    help="then pass this often over each user's latest --max-items items, concepts read "
                         "normally, at lr 5e-4 (the demo uses 1; see recbase.train.recent_pass)")
+    s.add_argument("--dense", action="store_true",
+                   help="add the dense item channel (items also read through the tokenizer's embeddings.npy) "
+                        "and choose the hybrid fusion weights on the validation items")
     s.add_argument("--output", required=True)
     s.set_defaults(func=_cmd_pretrain)
 
