@@ -31,3 +31,10 @@ def test_readme_lora_example_runs(capsys, tmp_path, monkeypatch):
     assert out[0].startswith("trainable params: 16,384 ||")
     assert out[-1] == "RecBaseForCausalLM"
     assert (tmp_path / "my-adapters" / "adapter_model.safetensors").is_file()
+
+
+def test_readme_zero_shot_example_runs(capsys):
+    [block] = [b for b in python_blocks() if "choose_fusion" in b]
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3:] == ["generative (1, 5)", "dense (1, 5)", "hybrid (1, 5)"]

@@ -79,6 +79,9 @@ class DemoConfig:
     sasrec_seconds: float | None = None  # optional wall-clock cap on top (None = none)
     # the zero-shot text-sequence peer (UniSRec-style TextSASRec), trained on movies only
     text_sasrec_epochs: int = 2
+    # more catalogs held out from pretraining, read zero-shot like the books (e.g. ("ml-100k",):
+    # a newer movie catalog tokenized on the demo's codebooks with ItemTokenizer.for_catalog)
+    also_unseen: tuple = ()
     extra: dict = field(default_factory=dict)
 
 
@@ -105,7 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from recbase.data import TextEncoder
     from recbase.data.splits import leave_one_out
     from recbase.data.text import render_items
-    from recbase.evaluate import build_ctr_pairs, evaluate_ctr, evaluate_rankings
+    from recbase.evaluate import _per_user, build_ctr_pairs, evaluate_ctr, evaluate_rankings
     from recbase.model import RecBaseConfig, RecBaseForCausalLM
     from recbase.recommend import Recommender, choose_fusion
     from recbase.tokenizer import ItemTokenizer, centre_embeddings
@@ -189,13 +192,16 @@ def run_demo(cfg: DemoConfig) -> dict:
                                             reading=reading, num_beams=max(cfg.num_beams, max(cfg.ks)))
         timer.mark(f"fusion weights (movie validation users): {model.config.fusion_weights}")
     model.save_pretrained(out / "model")
-    rows = []
+    rows, per_user = [], {}
 
     def ranking_row(name, domain, split, recommend, users):
         histories, targets = ((split.valid_histories, split.valid_targets) if on_valid
                               else (split.test_histories, split.test_targets))
         items = recommend([histories[u] for u in users])
         row = {"domain": domain, "model": name, **evaluate_rankings(items, targets[users], cfg.ks)}
+        for metric in ("recall", "ndcg"):  # per user, for standard errors and paired differences
+            per_user[(domain, name, metric)] = _per_user(items, targets[users], 10, metric)
+            row[f"se_{metric}@10"] = float(per_user[(domain, name, metric)].std(ddof=1) / np.sqrt(len(users)))
         rows.append(row)
         print(f"  {domain:7s} {name:22s} " + " ".join(
             f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("recall@10", "ndcg@10"))), flush=True)
@@ -220,13 +226,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     sas.fit(ml_split.train_sequences, num_items=ml_split.num_items,
             valid_histories=ml_split.valid_histories, valid_targets=ml_split.valid_targets)
     timer.mark("SASRec trained (movies, in-domain)")
-    tsas = btsas = None
+    tsas = None
     if cfg.text_sasrec_epochs:
         from recbase.baselines import TextSASRec
         tsas = TextSASRec(ml_emb, max_len=50, seed=cfg.seed, device=cfg.device, max_epochs=cfg.text_sasrec_epochs)
         tsas.fit(ml_split.train_sequences, num_items=ml_split.num_items,
                  valid_histories=ml_split.valid_histories, valid_targets=ml_split.valid_targets)
-        btsas = tsas.with_catalog(bx_emb)  # the same network, applied to the books unchanged
         timer.mark("TextSASRec trained (movies only)")
     for name, fn in (("popularity", lambda h: pop.recommend(h, kmax)),
                      ("text-kNN", lambda h: knn.recommend(h, kmax)),
@@ -236,17 +241,31 @@ def run_demo(cfg: DemoConfig) -> dict:
         ranking_row(name, "movies", ml_split, fn, ml_users)
     timer.mark("movies evaluated")
 
-    # 5b. zero-shot: books -----------------------------------------------------------------------
+    # 5b. zero-shot: books (and any other held-out catalog) ----------------------------------------
     # on validation: another seeded sample (seed + 7, that of the rounds in docs/results.md)
-    bx_users = _sample_users(bx_split.num_users, cfg.max_eval_users, cfg.seed + (7 if on_valid else 0))
-    bpop = Popularity().fit(bx_split.train_sequences, num_items=bx_split.num_items)
-    bknn = TextKNN(bx_emb, max_history=cfg.knn_max_history).fit()
-    for name, fn in (("popularity", lambda h: bpop.recommend(h, kmax)),
-                     ("text-kNN", lambda h: bknn.recommend(h, kmax)),
-                     *([("TextSASRec (zero-shot)", lambda h: btsas.recommend(h, kmax))] if btsas else []),
-                     *rb_rows("books", "zero-shot")):
-        ranking_row(name, "books", bx_split, fn, bx_users)
-    timer.mark("books evaluated (ranking)")
+    unseen = {"books": (bx_split, bx_emb)}
+    for name in cfg.also_unseen:  # tokenized from item text on the demo's codebooks, never trained on
+        ds = datasets.load(name).kcore(cfg.movie_kcore, cfg.movie_kcore)
+        sp = leave_one_out(ds)
+        e = centre_embeddings(encoder.encode(render_items(ds.items.set_index("item_id").loc[
+            sp.item_index.decode(np.arange(sp.num_items))].reset_index(), ds.domain)))
+        unseen[name] = (sp, e)
+        rec.add_catalog(name, tok.for_catalog(e).codes, unseen=True, item_embeddings=e if cfg.dense else None)
+    zero_shot = {}
+    for domain, (split, emb) in unseen.items():
+        users = _sample_users(split.num_users, cfg.max_eval_users, cfg.seed + (7 if on_valid else 0))
+        zpop = Popularity().fit(split.train_sequences, num_items=split.num_items)
+        zknn = TextKNN(emb, max_history=cfg.knn_max_history).fit()
+        ztsas = tsas.with_catalog(emb) if tsas else None  # the same network, applied unchanged
+        zero_shot[domain] = (split, users, {"popularity": zpop, "text-kNN": zknn,
+                                            **({"TextSASRec (zero-shot)": ztsas} if ztsas else {}),
+                                            **{m: None for m in modes}})
+        for name, fn in (("popularity", lambda h: zpop.recommend(h, kmax)),
+                         ("text-kNN", lambda h: zknn.recommend(h, kmax)),
+                         *([("TextSASRec (zero-shot)", lambda h: ztsas.recommend(h, kmax))] if ztsas else []),
+                         *rb_rows(domain, "zero-shot")):
+            ranking_row(name, domain, split, fn, users)
+        timer.mark(f"{domain} evaluated (ranking)")
 
     # 5c. CTR protocol (AUC): history = sequence minus its last up-to-10 items, which are the
     # positives (on validation: the training sequence, so no validation or test item is scored)
@@ -255,9 +274,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             ("movies", ml_split, ml_users, {"popularity": pop, "text-kNN": knn, "SASRec (in-domain)": sas,
                                             **({"TextSASRec (in-domain)": tsas} if tsas else {}),
                                             **{m: None for m in modes}}),
-            ("books", bx_split, bx_users, {"popularity": bpop, "text-kNN": bknn,
-                                           **({"TextSASRec (zero-shot)": btsas} if btsas else {}),
-                                           **{m: None for m in modes}})):
+            *((d, sp, us, sc) for d, (sp, us, sc) in zero_shot.items())):
         users = [u for u in users if len(split.train_sequences[u]) >= 2] if on_valid else users
         seqs = [(split.train_sequences if on_valid else split.sequences)[u] for u in users]
         n_pos = [min(10, len(s) // 2) for s in seqs]
@@ -278,7 +295,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         row["auc"] = ctr.get(key, float("nan"))
     timer.mark("CTR protocol evaluated")
 
-    table = _markdown_table(rows, cfg.ks)
+    table = _markdown_table(rows, cfg.ks) + "\n\n" + _paired_differences(per_user, modes, cfg.dense)
     if on_valid:
         table = ("Validation items (not the test items). SASRec early-stops on these same items, so its "
                  "row is optimistic.\n\n" + table)
@@ -286,7 +303,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     result = {"config": asdict(cfg), "rows": rows, "tokenizer": tok.report(), "fusion": fusion,
               "pretrain_history": state["history"], "recent_pass_history": recent["history"], "timings_s": timer.marks,
               "sizes": {"movies": {"users": ml_split.num_users, "items": ml_split.num_items},
-                        "books": {"users": bx_split.num_users, "items": bx_split.num_items}}}
+                        **{d: {"users": sp.num_users, "items": sp.num_items} for d, (sp, _) in unseen.items()}}}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
     (out / "results.md").write_text(table + "\n")
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -303,8 +320,27 @@ def _flatten_scores(per_user, pairs) -> np.ndarray:
     return flat
 
 
+def _paired_differences(per_user: dict, modes, dense: bool) -> str:
+    """recbase minus each zero-shot / in-domain peer, per user (paired), with its standard error:
+    a difference inside one standard error is a tie."""
+    lines = ["| domain | recbase | peer | Δ recall@10 ± SE | Δ ndcg@10 ± SE |", "|---|---|---|---|---|"]
+    for (domain, name, metric), ours in per_user.items():
+        if metric != "recall" or not name.startswith("recbase"):
+            continue
+        for (d2, peer, m2), theirs in per_user.items():
+            if d2 != domain or m2 != "recall" or peer.startswith(("recbase", "popularity")):
+                continue
+            cells = []
+            for m in ("recall", "ndcg"):
+                diff = per_user[(domain, name, m)] - per_user[(domain, peer, m)]
+                cells.append(f"{diff.mean():+.4f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.4f}")
+            lines.append(f"| {domain} | {name} | {peer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _markdown_table(rows: list[dict], ks) -> str:
-    cols = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr", "auc"]
+    cols = ([f"recall@{k}" for k in ks] + ["se_recall@10"] + [f"ndcg@{k}" for k in ks] + ["se_ndcg@10"]
+            + ["mrr", "auc"])
     lines = ["| domain | model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for r in rows:
         vals = [r.get(c, r.get(f"{c}@{max(ks)}", float("nan"))) for c in cols]

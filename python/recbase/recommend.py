@@ -130,34 +130,60 @@ class Recommender:
         self.codes = {d: np.asarray(c, dtype=np.int64) for d, c in catalogs.items()}
         self.tries = {d: ConceptTrie(c) for d, c in self.codes.items()}
         self.embeddings, self.unit = {}, {}
-        dim = getattr(model.config, "item_vector_dim", 0)
-        if item_embeddings:
-            if not dim:
-                raise ValueError("item_embeddings needs a model with a dense item channel (item_vector_dim > 0)")
-            for d, e in item_embeddings.items():
-                if d not in self.codes:
-                    raise ValueError(f"item_embeddings: domain {d!r} is not among the catalogs {sorted(self.codes)}")
-                e = np.asarray(e)
-                if e.ndim != 2 or e.shape != (len(self.codes[d]), dim) or not np.issubdtype(e.dtype, np.floating):
-                    raise ValueError(f"item_embeddings[{d!r}]: expected a float array of shape "
-                                     f"({len(self.codes[d])}, {dim}) (one row per catalog item, the model's "
-                                     f"item_vector_dim), got {e.dtype} {e.shape}")
-                if not np.isfinite(e).all():
-                    raise ValueError(f"item_embeddings[{d!r}]: contains NaN or inf")
-                self.embeddings[d] = torch.as_tensor(e, dtype=torch.float32).to(self.device)
-                self.unit[d] = unit_rows(self.embeddings[d])
+        if item_embeddings and not getattr(model.config, "item_vector_dim", 0):
+            raise ValueError("item_embeddings needs a model with a dense item channel (item_vector_dim > 0)")
+        for d, e in (item_embeddings or {}).items():
+            if d not in self.codes:
+                raise ValueError(f"item_embeddings: domain {d!r} is not among the catalogs {sorted(self.codes)}")
+            self._set_embeddings(d, e)
         if unseen_frame not in ("identity", "aligned"):
             raise ValueError(f"unseen_frame: expected 'identity' or 'aligned', got {unseen_frame!r}")
+        self.unseen_frame = unseen_frame
         self.frames = {}
-        if unseen_frame == "aligned":
-            seen = [d for d in self.embeddings if d not in self.unseen_domains]
-            missing = sorted(set(self.unseen_domains) - set(self.embeddings))
-            if not seen or missing:
-                raise ValueError("unseen_frame='aligned' needs item_embeddings of every unseen domain and of at "
-                                 f"least one seen domain (seen given: {seen}, unseen missing: {missing})")
-            source = torch.cat([self.embeddings[d] for d in seen]).cpu()
-            for d in self.unseen_domains:
-                self.frames[d] = frame_alignment(self.embeddings[d].cpu(), source).float().to(self.device)
+        for d in self.unseen_domains:
+            self._set_frame(d)
+
+    def _set_embeddings(self, domain: str, e) -> None:
+        dim = getattr(self.model.config, "item_vector_dim", 0)
+        e = np.asarray(e)
+        n = len(self.codes[domain])
+        if e.ndim != 2 or e.shape != (n, dim) or not np.issubdtype(e.dtype, np.floating):
+            raise ValueError(f"item_embeddings[{domain!r}]: expected a float array of shape ({n}, {dim}) (one "
+                             f"row per catalog item, the model's item_vector_dim), got {e.dtype} {e.shape}")
+        if not np.isfinite(e).all():
+            raise ValueError(f"item_embeddings[{domain!r}]: contains NaN or inf")
+        self.embeddings[domain] = torch.as_tensor(e, dtype=torch.float32).to(self.device)
+        self.unit[domain] = unit_rows(self.embeddings[domain])
+
+    def _set_frame(self, domain: str) -> None:
+        if self.unseen_frame != "aligned":
+            return
+        seen = [d for d in self.embeddings if d not in self.unseen_domains]
+        if not seen or domain not in self.embeddings:
+            raise ValueError("unseen_frame='aligned' needs item_embeddings of every unseen domain and of at "
+                             f"least one seen domain (seen given: {seen}; {domain!r} given: "
+                             f"{domain in self.embeddings})")
+        source = torch.cat([self.embeddings[d] for d in seen]).cpu()
+        self.frames[domain] = frame_alignment(self.embeddings[domain].cpu(), source).float().to(self.device)
+
+    def add_catalog(self, domain: str, codes, unseen: bool = True, item_embeddings=None) -> None:
+        """Add (or replace) one domain's catalog: its (N, L) concept IDs, whether the model never
+        trained on it, and its items' text embeddings (for the dense channel)."""
+        from recbase.trie import ConceptTrie
+
+        if unseen and not getattr(self.model.config, "concept_vector_dim", 0):
+            raise ValueError("unseen needs a model with concept vectors (concept_vector_dim > 0)")
+        if item_embeddings is not None and not getattr(self.model.config, "item_vector_dim", 0):
+            raise ValueError("item_embeddings needs a model with a dense item channel (item_vector_dim > 0)")
+        codes = np.asarray(codes, dtype=np.int64)
+        trie = ConceptTrie(codes)
+        self.codes[domain], self.tries[domain] = codes, trie
+        self.embeddings.pop(domain, None), self.unit.pop(domain, None), self.frames.pop(domain, None)
+        if item_embeddings is not None:
+            self._set_embeddings(domain, item_embeddings)
+        self.unseen_domains = self.unseen_domains | {domain} if unseen else self.unseen_domains - {domain}
+        if unseen:
+            self._set_frame(domain)
 
     def _domain(self, domain: str | None) -> str:
         if domain is None:
