@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from recbase.baselines import Popularity, SASRec, TextKNN, top_k
+from recbase.baselines import Popularity, SASRec, TextKNN, TextSASRec, top_k
 from recbase.evaluate import evaluate_rankings
 
 
@@ -144,6 +144,146 @@ def test_errors():
     with pytest.raises(ValueError, match="num_items=2"):
         Popularity().fit([np.array([5])], 2)
 
+
+
+def _nn_walks(seed, n=300, d=8, users=300):
+    """Random text embeddings; each user walks from a random item to the nearest (cosine)
+    not yet visited item, 6-13 steps: the next item is the text neighbour of the last one."""
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n, d))
+    en = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = en @ en.T
+    seqs = []
+    for _ in range(users):
+        s = [int(rng.integers(n))]
+        for _ in range(int(rng.integers(6, 14)) - 1):
+            row = sim[s[-1]].copy()
+            row[s] = -np.inf
+            s.append(int(np.argmax(row)))
+        seqs.append(np.array(s))
+    return emb, seqs
+
+
+def _text_sasrec_reference(m, emb, hist):
+    """Independent float64 forward of a TextSASRec (eval mode) for one history."""
+    import math
+    torch = pytest.importorskip("torch")
+    sd = {k: v.detach().cpu().double() for k, v in m.net.state_dict().items()}
+    E = torch.from_numpy(np.asarray(emb, np.float64))
+    E = E / E.norm(dim=1, keepdim=True)
+    h = torch.as_tensor(np.asarray(hist)[-m.max_len:])
+    T, H, nh = len(h), m.hidden, m.heads
+
+    def ln(x, pre):
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * sd[pre + ".weight"] + sd[pre + ".bias"]
+
+    def lin(x, pre):
+        return x @ sd[pre + ".weight"].T + sd[pre + ".bias"]
+
+    x = lin(E[h], "inp") + sd["enc.pos.weight"][:T]
+    causal = torch.ones(T, T).tril().bool()
+    for b in range(m.blocks):
+        pre = f"enc.blocks.{b}"
+        q, k, v = lin(ln(x, pre + ".ln1"), pre + ".qkv").split(H, dim=-1)
+        heads = []
+        for j in range(nh):
+            sl = slice(j * H // nh, (j + 1) * H // nh)
+            att = (q[:, sl] @ k[:, sl].T) / math.sqrt(H // nh)
+            att = torch.softmax(att.masked_fill(~causal, -math.inf), dim=-1)
+            heads.append(att @ v[:, sl])
+        x = x + lin(torch.cat(heads, dim=-1), pre + ".proj")
+        f = lin(ln(x, pre + ".ln2"), pre + ".ff.0")
+        f = 0.5 * f * (1 + torch.erf(f / math.sqrt(2)))
+        x = x + lin(f, pre + ".ff.3")
+    z = ln(x, "enc.ln")[-1]
+    u = lin(z, "out")
+    return (E @ (u / u.norm()) / m.temperature).numpy()
+
+
+def test_text_sasrec_matches_float64_reference(one_thread):
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(25, 6)) * rng.uniform(0.5, 3, size=(25, 1))  # norms vary
+    train = [rng.integers(0, 25, size=rng.integers(2, 10)) for _ in range(30)]
+    m = TextSASRec(emb, hidden=8, blocks=2, heads=2, max_len=6, temperature=0.1,
+                   max_epochs=2, seed=0).fit(train, 25)
+    hist = [rng.integers(0, 25, size=n) for n in (1, 3, 6, 9)]  # 9 > max_len: truncated
+    got = m.scores(hist + [np.array([], np.int64)])
+    assert got.dtype == np.float32 and got.shape == (5, 25)
+    for b, h in enumerate(hist):
+        np.testing.assert_allclose(got[b], _text_sasrec_reference(m, emb, h), rtol=1e-4, atol=1e-4)
+    assert not got[-1].any()  # empty history -> all-zero row
+    # another catalog (other N, same d): same network, new items
+    emb2 = rng.normal(size=(40, 6))
+    m2 = m.with_catalog(emb2)
+    assert m2.net is m.net and m2.num_items == 40 and m.num_items == 25
+    got2 = m2.scores(hist)
+    assert got2.shape == (4, 40)
+    for b, h in enumerate(hist):
+        h2 = h + 10  # indices of the new catalog
+        np.testing.assert_allclose(m2.scores([h2])[0], _text_sasrec_reference(m2, emb2, h2),
+                                   rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(m.scores(hist + [np.array([], np.int64)]), got)  # original untouched
+
+
+def test_text_sasrec_learns_and_transfers_zero_shot(one_thread):
+    emb, seqs = _nn_walks(0)
+    n = len(emb)
+    train, vh, vt = [s[:-2] for s in seqs], [s[:-2] for s in seqs], np.array([s[-2] for s in seqs])
+    th, tt = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
+    m = TextSASRec(emb, hidden=32, max_len=12, batch_size=64, lr=3e-3, max_epochs=10, patience=3,
+                   seed=0)
+    m.fit(train, n, valid_histories=vh, valid_targets=vt)
+    random_recall = 10 / n
+    rec = evaluate_rankings(m.recommend(th, 10), tt, ks=(10,))["recall@10"]
+    assert rec > 0.5 and rec > 10 * random_recall
+    assert m.best_valid_ndcg10_ == max(h["valid_ndcg@10"] for h in m.history_)
+    # a fresh catalog built the same way, never trained on
+    emb2, seqs2 = _nn_walks(1)
+    z = m.with_catalog(emb2)
+    zs = evaluate_rankings(z.recommend([s[:-1] for s in seqs2], 10), np.array([s[-1] for s in seqs2]),
+                           ks=(10,))["recall@10"]
+    assert zs > 0.3 and zs > 5 * random_recall
+    part = z.score(th[:2], [np.array([5, 7]), np.array([1])])
+    np.testing.assert_allclose(part[0], z.scores(th[:1])[0, [5, 7]], rtol=1e-5)
+
+
+def test_text_sasrec_deterministic(one_thread):
+    emb, seqs = _nn_walks(2, n=50, users=40)
+    fit = lambda seed: TextSASRec(emb, hidden=16, max_len=8, max_epochs=2, seed=seed).fit(seqs)
+    a, b, c = fit(0), fit(0), fit(1)
+    np.testing.assert_array_equal(a.scores(seqs[:5]), b.scores(seqs[:5]))
+    assert [h["loss"] for h in a.history_] == [h["loss"] for h in b.history_]
+    assert not np.array_equal(a.scores(seqs[:5]), c.scores(seqs[:5]))
+
+
+def test_text_sasrec_errors():
+    emb = np.random.default_rng(0).normal(size=(10, 4))
+    with pytest.raises(ValueError, match=r"item_embeddings must be a 2-D .* got shape \(10,\)"):
+        TextSASRec(emb[:, 0])
+    with pytest.raises(ValueError, match=r"item_embeddings must be a 2-D .* got shape \(0, 4\)"):
+        TextSASRec(np.zeros((0, 4)))
+    bad = emb.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"item_embeddings must be finite.*1 of 10 rows.*row 3"):
+        TextSASRec(bad)
+    m = TextSASRec(emb, hidden=8, max_epochs=1)
+    with pytest.raises(ValueError, match=r"with_catalog: item_embeddings must have d=4 .*\(7, 5\)"):
+        m.with_catalog(np.zeros((7, 5)))
+    inf = emb.copy()
+    inf[0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"with_catalog: item_embeddings must be finite"):
+        m.with_catalog(inf)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        TextSASRec(emb, temperature=0.0)
+    with pytest.raises(ValueError, match="divisible"):
+        TextSASRec(emb, hidden=30, heads=4)
+    with pytest.raises(RuntimeError, match="fit"):
+        m.scores([np.array([1])])
+    with pytest.raises(ValueError, match="num_items=3 but item_embeddings has 10"):
+        m.fit([np.array([0, 1])], 3)
+    with pytest.raises(ValueError, match=r"item index 10 >= num_items=10"):
+        m.fit([np.array([0, 10])])
 
 
 @pytest.mark.parametrize("module", ['recbase.baselines'])

@@ -7,6 +7,10 @@
   trained with full-softmax cross-entropy over the whole catalog at every position (the
   variant that matches or beats BERT4Rec, Klenitskiy & Vasilev 2023), tied input/output item
   embeddings, early stopping on validation NDCG@10, seeded.
+* :class:`TextSASRec` — UniSRec-style (Hou et al., KDD 2022) zero-shot text-sequence
+  baseline: SASRec whose items are read only through a linear projection of their text
+  embeddings and scored by cosine with them (no item IDs), so the network trained on the
+  source domain scores a new domain's catalog unchanged (:meth:`TextSASRec.with_catalog`).
 
 Common interface (item indices 0..N-1, histories oldest-first):
 
@@ -35,7 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["BaseRecommender", "Popularity", "TextKNN", "SASRec", "top_k"]
+__all__ = ["BaseRecommender", "Popularity", "TextKNN", "SASRec", "TextSASRec", "top_k"]
 
 
 def _as_histories(histories) -> list[np.ndarray]:
@@ -193,22 +197,55 @@ class TextKNN(BaseRecommender):
 
 
 # ----------------------------------------------------------------------------------------------
-# SASRec
+# SASRec and its text-only variant
 # ----------------------------------------------------------------------------------------------
-class SASRec(BaseRecommender):
-    """SASRec with full-softmax cross-entropy.
+def _causal_encoder(hidden: int, heads: int, blocks: int, max_len: int, dropout: float):
+    """torch module: (B, T, hidden) item vectors -> + learned positions (from the window
+    start), dropout, ``blocks`` pre-LayerNorm causal transformer blocks, final LayerNorm."""
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
 
-    Input: the last ``max_len`` items (item i -> token i+1, 0 = padding, right-padded,
-    positions counted from the window start); pre-LayerNorm causal transformer blocks;
-    logits = h_t · E_items (tied embeddings). Training sequences are cut, from their end,
-    into windows of ``max_len + 1`` items overlapping by one, so every transition of every
-    user is a training target exactly once per epoch. Early stopping: validation NDCG@10
-    (full catalog, history excluded) every epoch, ``patience`` epochs, best weights kept.
+    H, p = hidden, dropout
 
-    Cost: the full softmax dominates (~1.4 TFLOP per ML-1M epoch at hidden 64). On a
-    machine shared with other jobs set ``OMP_NUM_THREADS=1`` (or ``torch.set_num_threads``):
-    spinning OpenMP workers make two threads several times slower than one there.
-    """
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(H), nn.LayerNorm(H)
+            self.qkv, self.proj = nn.Linear(H, 3 * H), nn.Linear(H, H)
+            self.ff = nn.Sequential(nn.Linear(H, 4 * H), nn.GELU(), nn.Dropout(p), nn.Linear(4 * H, H))
+            self.drop = nn.Dropout(p)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=p if self.training else 0.0)
+            x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, H)))
+            return x + self.drop(self.ff(self.ln2(x)))
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(max_len, H)
+            self.drop = nn.Dropout(p)
+            self.blocks = nn.ModuleList(Block() for _ in range(blocks))
+            self.ln = nn.LayerNorm(H)
+
+        def forward(self, x):  # (B, T, H) -> (B, T, H)
+            x = self.drop(x + self.pos(torch.arange(x.shape[1], device=x.device)))
+            for blk in self.blocks:
+                x = blk(x)
+            return self.ln(x)
+
+    return Encoder()
+
+
+class _CausalSeqModel(BaseRecommender):
+    """Shared by :class:`SASRec` and :class:`TextSASRec`: hyper-parameters, windowing, the
+    full-softmax training loop with early stopping, and scoring. A subclass supplies
+    ``_build(num_items)`` (the torch net) and, if its net needs more than the tokens,
+    ``_hidden(tokens)`` / ``_logits(h)``."""
 
     def __init__(self, *, hidden: int = 64, blocks: int = 2, heads: int = 2, max_len: int = 50,
                  dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -216,7 +253,7 @@ class SASRec(BaseRecommender):
                  max_seconds: float | None = None, seed: int = 0, device: str = "cpu",
                  verbose: bool = False) -> None:
         if hidden % heads:
-            raise ValueError(f"SASRec: hidden={hidden} must be divisible by heads={heads}")
+            raise ValueError(f"{type(self).__name__}: hidden={hidden} must be divisible by heads={heads}")
         self.hidden, self.blocks, self.heads, self.max_len = hidden, blocks, heads, max_len
         self.dropout, self.lr, self.weight_decay = dropout, lr, weight_decay
         self.batch_size, self.max_epochs, self.patience = batch_size, max_epochs, patience
@@ -224,55 +261,17 @@ class SASRec(BaseRecommender):
         self.history_: list[dict] = []
 
     # -- model ---------------------------------------------------------------------------------
-    def _build(self, num_items: int):
-        import torch
-        from torch import nn
-        import torch.nn.functional as F
+    def _build(self, num_items: int):  # pragma: no cover - abstract
+        raise NotImplementedError
 
-        H, heads, p = self.hidden, self.heads, self.dropout
+    def _encoder(self):
+        return _causal_encoder(self.hidden, self.heads, self.blocks, self.max_len, self.dropout)
 
-        class Block(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.ln1, self.ln2 = nn.LayerNorm(H), nn.LayerNorm(H)
-                self.qkv, self.proj = nn.Linear(H, 3 * H), nn.Linear(H, H)
-                self.ff = nn.Sequential(nn.Linear(H, 4 * H), nn.GELU(), nn.Dropout(p), nn.Linear(4 * H, H))
-                self.drop = nn.Dropout(p)
+    def _hidden(self, tokens):  # (B, T) tokens -> (B, T, H)
+        return self.net(tokens)
 
-            def forward(self, x):
-                B, T, _ = x.shape
-                q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, heads, H // heads).permute(2, 0, 3, 1, 4)
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                   dropout_p=p if self.training else 0.0)
-                x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, H)))
-                return x + self.drop(self.ff(self.ln2(x)))
-
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.item = nn.Embedding(num_items + 1, H, padding_idx=0)
-                self.pos = nn.Embedding(self_max_len, H)
-                self.drop = nn.Dropout(p)
-                self.blocks = nn.ModuleList(Block() for _ in range(self_blocks))
-                self.ln = nn.LayerNorm(H)
-                nn.init.normal_(self.item.weight, std=0.02)
-                nn.init.normal_(self.pos.weight, std=0.02)
-                with torch.no_grad():
-                    self.item.weight[0].zero_()
-
-            def forward(self, tokens):  # (B, T) -> (B, T, H)
-                T = tokens.shape[1]
-                x = self.item(tokens) * math.sqrt(H) + self.pos(torch.arange(T, device=tokens.device))
-                x = self.drop(x)
-                for blk in self.blocks:
-                    x = blk(x)
-                return self.ln(x)
-
-            def logits(self, h):  # (..., H) -> (..., N) over real items
-                return h @ self.item.weight[1:].T
-
-        self_max_len, self_blocks = self.max_len, self.blocks
-        return Net()
+    def _logits(self, h):  # (..., H) -> (..., N) over real items
+        return self.net.logits(h)
 
     def _windows(self, seqs: list[np.ndarray]) -> np.ndarray:
         """(W, max_len+1) right-padded token windows (item+1, 0 = pad)."""
@@ -306,15 +305,16 @@ class SASRec(BaseRecommender):
         return torch.from_numpy(tok).to(self.device), torch.from_numpy(last).to(self.device)
 
     def fit(self, train_sequences, num_items: int, *, valid_histories=None, valid_targets=None,
-            **_) -> "SASRec":
+            **_):
         """Train on ``train_sequences``; early-stop on (valid_histories, valid_targets) if
         given (else train ``max_epochs``)."""
         import torch
         import torch.nn.functional as F
         from .evaluate import ndcg_at_k
 
+        name = type(self).__name__
         if not isinstance(num_items, (int, np.integer)) or num_items < 1:
-            raise ValueError(f"SASRec.fit: num_items must be an int >= 1, got {num_items!r}")
+            raise ValueError(f"{name}.fit: num_items must be an int >= 1, got {num_items!r}")
         self.num_items = int(num_items)
         seqs = self._check_histories(train_sequences)
         torch.manual_seed(self.seed)
@@ -323,12 +323,13 @@ class SASRec(BaseRecommender):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         windows = self._windows(seqs)
         if len(windows) == 0:
-            raise ValueError("SASRec.fit: no training sequence has 2 or more items")
+            raise ValueError(f"{name}.fit: no training sequence has 2 or more items")
         use_valid = valid_histories is not None and valid_targets is not None
         if use_valid:
             v_hist = self._check_histories(valid_histories)
             v_tgt = np.asarray(valid_targets, dtype=np.int64)
         best, best_state, bad = -1.0, None, 0
+        self.history_ = []
         t0 = time.perf_counter()
         for epoch in range(self.max_epochs):
             self.net.train()
@@ -340,9 +341,9 @@ class SASRec(BaseRecommender):
                 # trim all-padding columns at the end of the batch
                 width = int((inp > 0).sum(1).max())
                 inp, tgt = inp[:, :width], tgt[:, :width]
-                h = self.net(inp)
+                h = self._hidden(inp)
                 mask = tgt > 0
-                loss = F.cross_entropy(self.net.logits(h[mask]), tgt[mask] - 1)
+                loss = F.cross_entropy(self._logits(h[mask]), tgt[mask] - 1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -373,18 +374,170 @@ class SASRec(BaseRecommender):
     def scores(self, histories) -> np.ndarray:
         import torch
         if not hasattr(self, "net"):
-            raise RuntimeError("SASRec: call fit() before scoring")
+            raise RuntimeError(f"{type(self).__name__}: call fit() before scoring")
         hs = self._check_histories(histories)
         self.net.eval()
         with torch.inference_mode():
             tok, last = self._tokens(hs)
-            h = self.net(tok)
+            h = self._hidden(tok)
             h = h[torch.arange(len(hs), device=h.device), last]
-            out = self.net.logits(h).float().cpu().numpy()
+            out = self._logits(h).float().cpu().numpy()
         for b, hh in enumerate(hs):  # an empty history carries no signal: flat scores
             if hh.size == 0:
                 out[b] = 0.0
         return out
+
+
+class SASRec(_CausalSeqModel):
+    """SASRec with full-softmax cross-entropy.
+
+    Input: the last ``max_len`` items (item i -> token i+1, 0 = padding, right-padded,
+    positions counted from the window start); pre-LayerNorm causal transformer blocks;
+    logits = h_t · E_items (tied embeddings). Training sequences are cut, from their end,
+    into windows of ``max_len + 1`` items overlapping by one, so every transition of every
+    user is a training target exactly once per epoch. Early stopping: validation NDCG@10
+    (full catalog, history excluded) every epoch, ``patience`` epochs, best weights kept.
+
+    Cost: the full softmax dominates (~1.4 TFLOP per ML-1M epoch at hidden 64). On a
+    machine shared with other jobs set ``OMP_NUM_THREADS=1`` (or ``torch.set_num_threads``):
+    spinning OpenMP workers make two threads several times slower than one there.
+    """
+
+    def _build(self, num_items: int):
+        import torch
+        from torch import nn
+
+        H, make_encoder = self.hidden, self._encoder
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.item = nn.Embedding(num_items + 1, H, padding_idx=0)
+                self.enc = make_encoder()  # after the item table: the seeded init order
+                nn.init.normal_(self.item.weight, std=0.02)
+                nn.init.normal_(self.enc.pos.weight, std=0.02)
+                with torch.no_grad():
+                    self.item.weight[0].zero_()
+
+            def forward(self, tokens):  # (B, T) -> (B, T, H)
+                return self.enc(self.item(tokens) * math.sqrt(H))
+
+            def logits(self, h):  # (..., H) -> (..., N) over real items
+                return h @ self.item.weight[1:].T
+
+        return Net()
+
+
+class TextSASRec(_CausalSeqModel):
+    """UniSRec-style text-sequence SASRec (Hou et al., KDD 2022), zero-shot across catalogs.
+
+    An item is read only through its (L2-normalised) text embedding ê_i, never through an
+    item ID, so the network trained on one domain scores any other catalog unchanged
+    (:meth:`with_catalog`)::
+
+        x_t = W_in ê_{h_t} + b_in + p_t ;  z = pre-LN causal transformer(x), last position T
+        u = normalize(W_out z_T + b_out) ;  score(i) = cos(u, ê_i) / temperature
+
+    Trained like :class:`SASRec` (same windows, full-softmax cross-entropy over the whole
+    training catalog at every position, early stopping on validation NDCG@10). The adaptor
+    is one linear map (UniSRec uses a mixture of whitening experts) and there is no
+    pre-training on several domains: it is trained on the source domain only.
+
+    Args:
+        item_embeddings: (N, d) finite text embeddings of the training catalog, row i = item i.
+        temperature: of the cosine logits (> 0).
+        other arguments: as :class:`SASRec`.
+    """
+
+    def __init__(self, item_embeddings, *, hidden: int = 64, blocks: int = 2, heads: int = 2,
+                 max_len: int = 50, dropout: float = 0.2, lr: float = 1e-3,
+                 weight_decay: float = 0.0, batch_size: int = 128, max_epochs: int = 200,
+                 patience: int = 5, max_seconds: float | None = None, temperature: float = 0.05,
+                 seed: int = 0, device: str = "cpu", verbose: bool = False) -> None:
+        super().__init__(hidden=hidden, blocks=blocks, heads=heads, max_len=max_len,
+                         dropout=dropout, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                         max_epochs=max_epochs, patience=patience, max_seconds=max_seconds,
+                         seed=seed, device=device, verbose=verbose)
+        if not (float(temperature) > 0.0):
+            raise ValueError(f"TextSASRec: temperature must be > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        e = self._catalog(item_embeddings, "TextSASRec")
+        self.dim = e.shape[1]
+        self._set_catalog(e)
+
+    @staticmethod
+    def _catalog(item_embeddings, where: str) -> np.ndarray:
+        try:
+            e = np.asarray(item_embeddings, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: item_embeddings must be a numeric (num_items, d) array, "
+                             f"got {type(item_embeddings).__name__} ({exc})") from None
+        if e.ndim != 2 or e.shape[0] < 1 or e.shape[1] < 1:
+            raise ValueError(f"{where}: item_embeddings must be a 2-D (num_items, d) array with "
+                             f"num_items >= 1 and d >= 1, got shape {e.shape}")
+        bad = ~np.isfinite(e).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{where}: item_embeddings must be finite, got NaN/inf in "
+                             f"{int(bad.sum())} of {e.shape[0]} rows (first: row {int(np.argmax(bad))})")
+        return e
+
+    def _set_catalog(self, e: np.ndarray) -> None:
+        import torch
+        self.emb = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        self.num_items = e.shape[0]
+        # row 0 = padding token, row i+1 = item i
+        pad = np.concatenate([np.zeros((1, e.shape[1]), np.float32), self.emb])
+        self._cat = torch.from_numpy(pad).to(self.device)
+
+    def with_catalog(self, item_embeddings) -> "TextSASRec":
+        """A copy that scores another catalog ((N', d) text embeddings, same d), sharing the
+        trained network: how the model is applied zero-shot to a domain it never saw."""
+        e = self._catalog(item_embeddings, "TextSASRec.with_catalog")
+        if e.shape[1] != self.dim:
+            raise ValueError(f"TextSASRec.with_catalog: item_embeddings must have d={self.dim} "
+                             f"columns (the width the model was built for), got shape {e.shape}")
+        new = copy.copy(self)
+        new.history_ = list(self.history_)
+        new._set_catalog(e)
+        return new
+
+    def fit(self, train_sequences, num_items: int | None = None, *, valid_histories=None,
+            valid_targets=None, **_) -> "TextSASRec":
+        """As :meth:`SASRec.fit` on the current catalog; ``num_items`` (optional) must equal
+        its size."""
+        if num_items is not None and num_items != self.num_items:
+            raise ValueError(f"TextSASRec.fit: num_items={num_items} but item_embeddings has "
+                             f"{self.num_items} rows")
+        return super().fit(train_sequences, self.num_items, valid_histories=valid_histories,
+                           valid_targets=valid_targets)
+
+    def _build(self, num_items: int):
+        from torch import nn
+        import torch.nn.functional as F
+
+        H, d, tau, make_encoder = self.hidden, self.dim, self.temperature, self._encoder
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inp = nn.Linear(d, H)
+                self.enc = make_encoder()
+                self.out = nn.Linear(H, d)
+                nn.init.normal_(self.enc.pos.weight, std=0.02)
+
+            def forward(self, tokens, cat):  # (B, T), (N+1, d) normalised -> (B, T, H)
+                return self.enc(self.inp(cat[tokens]))
+
+            def logits(self, h, cat):  # (..., H) -> (..., N) cosine / temperature
+                return F.normalize(self.out(h), dim=-1) @ cat[1:].T / tau
+
+        return Net()
+
+    def _hidden(self, tokens):
+        return self.net(tokens, self._cat)
+
+    def _logits(self, h):
+        return self.net.logits(h, self._cat)
 
 
 # ----------------------------------------------------------------------------------------------
