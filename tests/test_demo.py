@@ -16,17 +16,26 @@ def test_quick_demo_end_to_end(tmp_path):
     # 59 of 161 steps, before the model beat popularity; the work (and result) must not depend
     # on the machine's speed
     cfg = DemoConfig(output=str(tmp_path / "demo"), max_eval_users=200, epochs=1,
-                     time_budget_s=None, sasrec_epochs=1)
+                     time_budget_s=None, sasrec_epochs=1, text_sasrec_epochs=1)
     result = run_demo(cfg)
     out = tmp_path / "demo"
     for name in ("results.json", "results.md", "config.json", "tokenizer", "model"):
         assert (out / name).exists()
     rows = {(r["domain"], r["model"]): r for r in result["rows"]}
-    assert len(rows) == 7
+    modes = ("generative", "dense", "hybrid")
+    assert set(rows) == {("movies", m) for m in ("popularity", "text-kNN", "SASRec (in-domain)",
+                                                 "TextSASRec (in-domain)")} | {
+        ("books", m) for m in ("popularity", "text-kNN", "TextSASRec (zero-shot)")} | {
+        ("movies", f"recbase {m} (pretrained)") for m in modes} | {("books", f"recbase {m} (zero-shot)") for m in modes}
     for r in rows.values():
         assert 0.0 <= r["recall@10"] <= 1.0 and 0.0 <= r["ndcg@10"] <= r["recall@10"] + 1e-12
-    ours = rows[("movies", "recbase (pretrained)")]
+        assert 0.0 <= r["auc"] <= 1.0 and r["se_recall@10"] >= 0.0
+    ours = rows[("movies", "recbase generative (pretrained)")]
     assert ours["ndcg@10"] > rows[("movies", "popularity")]["ndcg@10"]
+    # fusion weights chosen on the movie validation users, saved with the model
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert set(saved["fusion_weights"]) == {"seen", "unseen"} and saved["item_vector_dim"] == 384
+    assert "Δ recall@10" in (out / "results.md").read_text()  # the paired differences
     assert result["tokenizer"]["unique_after_dedup"]
     # the closing pass over each user's latest window ran once, after pretraining
     assert len(result["recent_pass_history"]) == 1 and (out / "recent-pass" / "checkpoint.pt").exists()
@@ -54,7 +63,7 @@ def test_demo_on_validation_items(tmp_path):
     from recbase.evaluate import evaluate_rankings
 
     cfg = DemoConfig(output=str(tmp_path / "demo"), max_eval_users=300, valid_users=300, epochs=1,
-                     recent_pass_epochs=0, sasrec_epochs=1, evaluate_on="valid")
+                     recent_pass_epochs=0, sasrec_epochs=1, text_sasrec_epochs=1, evaluate_on="valid")
     result = run_demo(cfg)
     rows = {(r["domain"], r["model"]): r for r in result["rows"]}
     assert (tmp_path / "demo" / "results.md").read_text().startswith("Validation items")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import recbase
-from recbase.model.dense import dense_kernel_scores, dense_top_n, frame_alignment, unit_rows
+from recbase.model.dense import dense_kernel_scores, dense_top_n, dense_user_scores, frame_alignment, unit_rows
 from recbase.recommend import Recommender, choose_fusion
 from recbase.train import ItemVectors, Trainer, TrainConfig
 
@@ -32,21 +32,26 @@ def test_kernel_scores_match_float64(seed):
 
 def test_dense_top_n_is_exact_across_blocks():
     rng = np.random.default_rng(3)
-    b, j, n, d = 4, 10, 257, 8
-    w = np.zeros((b, j))
-    for u in range(b):  # each user owns a slice of the stacked history rows
-        w[u, 2 * u:2 * u + 3] = rng.random(3)
-        w[u] /= w[u].sum()
-    hist = unit_rows(torch.from_numpy(rng.normal(size=(j, d))).float())
+    b, m, n, d = 4, 3, 257, 8
+    w = rng.random((b, m))
+    w[1, 2] = 0.0  # padding
+    w /= w.sum(1, keepdims=True)
+    hist = unit_rows(torch.from_numpy(rng.normal(size=(b, m, d))).float())
     cat = unit_rows(torch.from_numpy(rng.normal(size=(n, d))).float())
     banned = [rng.choice(n, size=5, replace=False) for _ in range(b)]
     items, scores = dense_top_n(torch.from_numpy(w).float(), hist, cat, 0.2, 7, banned=banned, block=50)
-    ref = _reference_kernel(w, hist.double(), cat.double(), 0.2)
     for u in range(b):
-        ref[u, banned[u]] = -np.inf
-        top = np.argsort(-ref[u], kind="stable")[:7]
+        ref = _reference_kernel(w[u:u + 1], hist[u].double(), cat.double(), 0.2)[0]
+        ref[banned[u]] = -np.inf
+        top = np.argsort(-ref, kind="stable")[:7]
         assert set(items[u].tolist()) == set(top.tolist())
-        np.testing.assert_allclose(scores[u].numpy(), ref[u, top], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(scores[u].numpy(), ref[top], rtol=1e-5, atol=1e-4)
+    # the per-user form equals the general mixing form with a block-diagonal weight matrix
+    full = torch.zeros(b, b * m)
+    for u in range(b):
+        full[u, u * m:(u + 1) * m] = torch.from_numpy(w[u]).float()
+    np.testing.assert_allclose(dense_user_scores(torch.from_numpy(w).float(), hist, cat, 0.3).numpy(),
+                               dense_kernel_scores(full, hist.reshape(b * m, d), cat, 0.3).numpy(), rtol=1e-5, atol=1e-5)
 
 
 def _tiny(levels=2, k=32, dim=16, seed=0, n_movies=300, n_books=200):

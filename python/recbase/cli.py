@@ -38,9 +38,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from recbase.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(output=args.output, device=args.device, seed=args.seed, evaluate_on=args.evaluate_on)
+    cfg = DemoConfig(output=args.output, device=args.device, seed=args.seed, evaluate_on=args.evaluate_on,
+                     also_unseen=tuple(args.also_unseen))
     if args.quick:  # a small variant for smoke tests: fewer users, one epoch (same work anywhere)
         cfg.max_eval_users, cfg.epochs, cfg.time_budget_s, cfg.sasrec_epochs = 200, 1, None, 1
+        cfg.text_sasrec_epochs = 1
     if args.max_eval_users is not None:
         cfg.max_eval_users = args.max_eval_users or None
     if args.time_budget is not None:
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--evaluate-on", default="test", choices=["test", "valid"],
                    help="score the held-out test items (default) or the validation items, to compare "
                         "settings without looking at the test items")
+    s.add_argument("--also-unseen", nargs="*", default=[], choices=["ml-100k"],
+                   help="more held-out catalogs read zero-shot like the books (ml-100k: a newer movie catalog, "
+                        "tokenized on the demo's codebooks; adds about a minute)")
     s.add_argument("--quick", action="store_true", help="a small, fast variant (smoke test)")
     s.set_defaults(func=_cmd_demo)
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from recbase.model.dense import dense_kernel_scores, dense_top_n, frame_alignment, unit_rows
+from recbase.model.dense import dense_top_n, dense_user_scores, frame_alignment, unit_rows
 from recbase.tokenizer import ConceptVocab
 
 MODES = ("generative", "dense", "hybrid")
@@ -223,15 +223,16 @@ class Recommender:
         return toks, [self.embeddings[domain][torch.as_tensor(h)] for h in kept], kept
 
     def _dense_inputs(self, weights, kept, domain):
-        """Block-diagonal [B, J] weights over the chunk's stacked history rows [J, d]."""
-        rows = np.concatenate(kept) if kept else np.zeros(0, np.int64)
-        full = torch.zeros(len(kept), len(rows), device=self.device)
-        start = 0
+        """Padded [B, M] weights and [B, M, d] unit embeddings of each user's kept history."""
+        m = max(1, max((len(h) for h in kept), default=1))
+        unit = self.unit[domain]
+        full = torch.zeros(len(kept), m, device=self.device)
+        hist = unit.new_zeros((len(kept), m, unit.shape[1]))
         for b, h in enumerate(kept):
             if len(h):  # the prefill's weights follow the kept items, oldest first
-                full[b, start:start + len(h)] = weights[b, :len(h)]
-            start += len(h)
-        return full, self.unit[domain][torch.as_tensor(rows)]
+                full[b, :len(h)] = weights[b, :len(h)]
+                hist[b, :len(h)] = unit[torch.as_tensor(h)]
+        return full, hist
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, domain: str | None = None,
                   num_beams: int = 20, exclude_history: bool = True, batch_size: int = 64,
@@ -313,7 +314,7 @@ class Recommender:
         out = []
         for b, c in enumerate(cands):
             c_t = torch.as_tensor(np.asarray(c, dtype=np.int64))
-            out.append(dense_kernel_scores(full[b:b + 1], hist, self.unit[domain][c_t], tau)[0]
+            out.append(dense_user_scores(full[b:b + 1], hist[b:b + 1], self.unit[domain][c_t], tau)[0]
                        .double().cpu().numpy())
         return out
 

@@ -36,25 +36,39 @@ def dense_kernel_scores(weights: torch.Tensor, history: torch.Tensor, candidates
     return torch.log(weights.float() @ kernel + _FLOOR) + 1.0 / tau
 
 
-def dense_top_n(weights: torch.Tensor, history: torch.Tensor, catalog: torch.Tensor, temperature: float,
-                n: int, banned: list | None = None, block: int = 65536):
-    """Exact top-``n`` catalog items by :func:`dense_kernel_scores` for B users, in blocks of the
-    catalog (memory B x block, not B x N) with a running partial sort.
+def dense_user_scores(weights: torch.Tensor, history: torch.Tensor, candidates: torch.Tensor,
+                      temperature: torch.Tensor | float) -> torch.Tensor:
+    """Per user: score[b, c] = log sum_m weights[b, m] exp(cos(history[b, m], candidates[c]) / tau).
 
-    weights: [B, J] (user b's weight on history row j; zero for other users' rows); history:
-    [J, d]; catalog: [N, d] unit rows; banned[b]: item indices never returned for user b (its
-    history).
+    weights: [B, M] (zero on padding); history: [B, M, d] unit rows; candidates: [C, d] unit rows.
+    The same as :func:`dense_kernel_scores` with a block-diagonal weight matrix, at B x M x C
+    instead of B x (B*M) x C operations for the mixing. Returns [B, C] float32.
+    """
+    b, m, d = history.shape
+    sim = (history.reshape(b * m, d).float() @ candidates.float().T).view(b, m, -1)
+    tau = torch.as_tensor(temperature, dtype=torch.float32, device=sim.device)
+    kernel = torch.exp((sim - 1.0) / tau)
+    return torch.log((weights.float()[:, :, None] * kernel).sum(1) + _FLOOR) + 1.0 / tau
+
+
+def dense_top_n(weights: torch.Tensor, history: torch.Tensor, catalog: torch.Tensor, temperature: float,
+                n: int, banned: list | None = None, block: int = 16384):
+    """Exact top-``n`` catalog items by :func:`dense_user_scores` for B users, in blocks of the
+    catalog (memory B x M x block, not B x M x N) with a running partial sort.
+
+    weights: [B, M]; history: [B, M, d] unit rows; catalog: [N, d] unit rows; banned[b]: item
+    indices never returned for user b (its history).
     Returns (items [B, n] int64, scores [B, n] float32), best first; -1 / -inf pad.
     """
     b, num = weights.shape[0], catalog.shape[0]
     n_eff = min(n, num)
     best_s = torch.full((b, 0), float("-inf"))
     best_i = torch.zeros((b, 0), dtype=torch.int64)
+    banned_t = [torch.as_tensor(x, dtype=torch.int64) for x in banned] if banned is not None else None
     for start in range(0, num, block):
-        s = dense_kernel_scores(weights, history, catalog[start:start + block], temperature).cpu()
-        if banned is not None:
-            for u, items in enumerate(banned):
-                items = torch.as_tensor(items, dtype=torch.int64)
+        s = dense_user_scores(weights, history, catalog[start:start + block], temperature).cpu()
+        if banned_t is not None:
+            for u, items in enumerate(banned_t):
                 items = items[(items >= start) & (items < start + s.shape[1])] - start
                 s[u, items] = float("-inf")
         top = torch.topk(s, min(n_eff, s.shape[1]), dim=1)
