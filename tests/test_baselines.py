@@ -198,7 +198,9 @@ def _text_sasrec_reference(m, emb, hist):
         x = x + lin(f, pre + ".ff.3")
     z = ln(x, "enc.ln")[-1]
     u = lin(z, "out")
-    return (E @ (u / u.norm()) / m.temperature).numpy()
+    r = lin(E, "inp")  # the adapted items, the same map as the input's
+    r = r / r.norm(dim=1, keepdim=True)
+    return (r @ (u / u.norm()) / m.temperature).numpy()
 
 
 def test_text_sasrec_matches_float64_reference(one_thread):

@@ -435,8 +435,9 @@ class TextSASRec(_CausalSeqModel):
     item ID, so the network trained on one domain scores any other catalog unchanged
     (:meth:`with_catalog`)::
 
-        x_t = W_in ê_{h_t} + b_in + p_t ;  z = pre-LN causal transformer(x), last position T
-        u = normalize(W_out z_T + b_out) ;  score(i) = cos(u, ê_i) / temperature
+        r_i = W_in ê_i + b_in (the adaptor: one item representation for input and output)
+        x_t = r_{h_t} + p_t ;  z = pre-LN causal transformer(x), last position T
+        score(i) = cos(W_out z_T + b_out, r_i) / temperature
 
     Trained like :class:`SASRec` (same windows, full-softmax cross-entropy over the whole
     training catalog at every position, early stopping on validation NDCG@10). The adaptor
@@ -522,14 +523,15 @@ class TextSASRec(_CausalSeqModel):
                 super().__init__()
                 self.inp = nn.Linear(d, H)
                 self.enc = make_encoder()
-                self.out = nn.Linear(H, d)
+                self.out = nn.Linear(H, H)
                 nn.init.normal_(self.enc.pos.weight, std=0.02)
 
             def forward(self, tokens, cat):  # (B, T), (N+1, d) normalised -> (B, T, H)
                 return self.enc(self.inp(cat[tokens]))
 
-            def logits(self, h, cat):  # (..., H) -> (..., N) cosine / temperature
-                return F.normalize(self.out(h), dim=-1) @ cat[1:].T / tau
+            def logits(self, h, cat):  # (..., H) -> (..., N) cosine with the adapted items / temperature
+                # the catalog goes through the adaptor once per call: N x d x H, not per position
+                return F.normalize(self.out(h), dim=-1) @ F.normalize(self.inp(cat[1:]), dim=-1).T / tau
 
         return Net()
 

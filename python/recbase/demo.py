@@ -192,7 +192,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                             reading=reading, num_beams=max(cfg.num_beams, max(cfg.ks)))
         timer.mark(f"fusion weights (movie validation users): {model.config.fusion_weights}")
     model.save_pretrained(out / "model")
-    rows, per_user = [], {}
+    rows, user_metrics = [], {}
 
     def ranking_row(name, domain, split, recommend, users):
         histories, targets = ((split.valid_histories, split.valid_targets) if on_valid
@@ -200,8 +200,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         items = recommend([histories[u] for u in users])
         row = {"domain": domain, "model": name, **evaluate_rankings(items, targets[users], cfg.ks)}
         for metric in ("recall", "ndcg"):  # per user, for standard errors and paired differences
-            per_user[(domain, name, metric)] = _per_user(items, targets[users], 10, metric)
-            row[f"se_{metric}@10"] = float(per_user[(domain, name, metric)].std(ddof=1) / np.sqrt(len(users)))
+            user_metrics[(domain, name, metric)] = _per_user(items, targets[users], 10, metric)
+            row[f"se_{metric}@10"] = float(user_metrics[(domain, name, metric)].std(ddof=1) / np.sqrt(len(users)))
         rows.append(row)
         print(f"  {domain:7s} {name:22s} " + " ".join(
             f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("recall@10", "ndcg@10"))), flush=True)
@@ -295,7 +295,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         row["auc"] = ctr.get(key, float("nan"))
     timer.mark("CTR protocol evaluated")
 
-    table = _markdown_table(rows, cfg.ks) + "\n\n" + _paired_differences(per_user, modes, cfg.dense)
+    table = _markdown_table(rows, cfg.ks) + "\n\n" + _paired_differences(user_metrics)
     if on_valid:
         table = ("Validation items (not the test items). SASRec early-stops on these same items, so its "
                  "row is optimistic.\n\n" + table)
@@ -320,7 +320,7 @@ def _flatten_scores(per_user, pairs) -> np.ndarray:
     return flat
 
 
-def _paired_differences(per_user: dict, modes, dense: bool) -> str:
+def _paired_differences(per_user: dict) -> str:
     """recbase minus each zero-shot / in-domain peer, per user (paired), with its standard error:
     a difference inside one standard error is a tie."""
     lines = ["| domain | recbase | peer | Δ recall@10 ± SE | Δ ndcg@10 ± SE |", "|---|---|---|---|---|"]
