@@ -207,6 +207,10 @@ def test_bad_input_names_the_argument():
     plain = Recommender(model, tok.vocab, codes)
     with pytest.raises(ValueError, match="needs item_embeddings"):
         plain.recommend([[1]], k=2, domain="books", mode="dense")
+    half = Recommender(model, tok.vocab, codes, item_embeddings={"movies": emb["movies"]})
+    with pytest.raises(ValueError, match="needs item_embeddings of domain 'books'"):
+        half.score([[1]], [[2]], domain="books", mode="hybrid")
+    assert half.recommend([[1]], k=2, domain="books")[0].shape == (1, 2)  # default: generative there
     with pytest.raises(ValueError, match="item_vectors embeddings"):
         ItemVectors(tok.tokens(codes["movies"]), emb["movies"][:5], 32)
     with pytest.raises(ValueError, match="NaN"):

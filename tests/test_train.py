@@ -283,3 +283,44 @@ def test_recent_pass_trains_each_users_latest_window_unrotated():
     for bad in ({"epochs": 0}, {"epochs": -1}, {"epochs": 1.5}, {"lr": 0.0}):
         with pytest.raises(ValueError, match="recent_pass: " + next(iter(bad))):
             recent_pass(tiny_model(), split, item_tokens, 1, max_items, valid, **{**kw, **bad})
+
+
+def test_a_planted_pickle_checkpoint_is_refused_without_running(tmp_path):
+    """A crafted checkpoint.pt in a run folder must not run code on resume (weights_only load)."""
+    import os
+    import pickle
+
+    import pytest
+
+    from recbase.model import RecBaseConfig, RecBaseForCausalLM
+    from recbase.train import Trainer, TrainConfig
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "checkpoint.pt", "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    model = RecBaseForCausalLM(RecBaseConfig.from_preset("tiny", levels=2, codebook_size=4))
+    trainer = Trainer(model, [[1, 4, 8, 5, 9]], [], TrainConfig(epochs=1, progress=False), output_dir=run)
+    with pytest.raises(ValueError, match="corrupt"):
+        trainer.fit()
+    assert not marker.exists()
+
+
+def test_item_windows_refuse_a_window_that_cannot_advance():
+    import numpy as np
+    import pytest
+
+    from recbase.train import item_windows
+
+    for size in (1, 0, -3):
+        with pytest.raises(ValueError, match="max_items"):
+            item_windows(np.arange(5), size)
+    windows = item_windows(np.arange(5), 3)  # every transition exactly once, windows of <= 3 items
+    pairs = [(int(a), int(b)) for w in windows for a, b in zip(w[:-1], w[1:])]
+    assert sorted(pairs) == [(0, 1), (1, 2), (2, 3), (3, 4)] and max(len(w) for w in windows) <= 3

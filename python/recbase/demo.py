@@ -78,7 +78,7 @@ class DemoConfig:
     sasrec_epochs: int = 2
     sasrec_seconds: float | None = None  # optional wall-clock cap on top (None = none)
     # the zero-shot text-sequence peer (UniSRec-style TextSASRec), trained on movies only
-    text_sasrec_epochs: int = 2
+    text_sasrec_epochs: int = 1  # 1 epoch: 2 took 193 s and pushed the demo past 15 minutes (docs/results.md)
     # more catalogs held out from pretraining, read zero-shot like the books (e.g. ("ml-100k",):
     # a newer movie catalog tokenized on the demo's codebooks with ItemTokenizer.for_catalog)
     also_unseen: tuple = ()

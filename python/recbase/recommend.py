@@ -200,13 +200,14 @@ class Recommender:
             return contextlib.nullcontext()
         return self.model.content_only(self.frames.get(domain))
 
-    def _mode(self, mode: str | None) -> str:
+    def _mode(self, mode: str | None, domain: str) -> str:
         if mode is None:
-            return "hybrid" if self.embeddings else "generative"
+            return "hybrid" if domain in self.embeddings else "generative"
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-        if mode != "generative" and not self.embeddings:
-            raise ValueError(f"mode={mode!r} needs item_embeddings (and a model with a dense item channel)")
+        if mode != "generative" and domain not in self.embeddings:
+            raise ValueError(f"mode={mode!r} needs item_embeddings of domain {domain!r} (and a model with a "
+                             "dense item channel)")
         return mode
 
     def fusion_weight(self, domain: str) -> float:
@@ -243,7 +244,8 @@ class Recommender:
         (the beam's ``num_beams`` items with the dense top-``num_beams``, fused); default "hybrid"
         when the Recommender has item embeddings, else "generative".
         """
-        domain, mode = self._domain(domain), self._mode(mode)
+        domain = self._domain(domain)
+        mode = self._mode(mode, domain)
         if num_beams < k:
             raise ValueError(f"num_beams ({num_beams}) must be >= k ({k})")
         w = self.fusion_weight(domain)
@@ -323,7 +325,8 @@ class Recommender:
         """Score of each candidate item given its history (zero-shot CTR scoring): its concept
         ID's log-likelihood ("generative"), the dense score ("dense") or their fusion ("hybrid",
         the default with item embeddings), as in :meth:`recommend`."""
-        domain, mode = self._domain(domain), self._mode(mode)
+        domain = self._domain(domain)
+        mode = self._mode(mode, domain)
         w = self.fusion_weight(domain)
         if len(candidates) != len(histories):
             raise ValueError(f"candidates: expected one list per history ({len(histories)}), "
@@ -366,7 +369,7 @@ def choose_fusion(rec: Recommender, domain: str, histories, targets, *, reading:
     if reading not in ("seen", "unseen"):
         raise ValueError(f"reading: expected 'seen' or 'unseen', got {reading!r}")
     domain = rec._domain(domain)
-    rec._mode("hybrid")
+    rec._mode("hybrid", domain)
     targets = np.asarray(targets, dtype=np.int64)
     if len(targets) != len(histories):
         raise ValueError(f"targets: expected one per history ({len(histories)}), got {len(targets)}")

@@ -184,6 +184,8 @@ def collate(seqs: Sequence[torch.Tensor], target_items_only: int = 0, labels: Se
 def item_windows(seq: np.ndarray, size: int) -> list[np.ndarray]:
     """Cut an item sequence from its end into windows of ``size`` items overlapping by one
     item, so every transition is a training target exactly once per epoch."""
+    if not isinstance(size, (int, np.integer)) or size < 2:  # size 1 would never advance
+        raise ValueError(f"window size (max_items) must be an int >= 2 (one history item and its next), got {size!r}")
     out, end = [], len(seq)
     while end > 1:
         start = max(0, end - size)
