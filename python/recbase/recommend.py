@@ -288,13 +288,8 @@ class Recommender:
                     if banned is not None:
                         keep &= ~np.isin(it, banned[j])
                     pools[j] = [it[keep], sc[keep].astype(np.float64)]
-            weights = None
             if mode in ("dense", "hybrid"):
-                if vectors is not None and isinstance(scorer, _WithItemVectors) and scorer.history_weights is not None:
-                    weights = scorer.history_weights
-                else:
-                    weights = self.model.start_generation(toks, item_vectors=vectors)[0].history_weights
-                full, hist = self._dense_inputs(weights, kept, domain)
+                full, hist = self._dense_inputs(self._history_weights(scorer, toks, vectors), kept, domain)
                 tau = float(self.model.dense_temperature().detach())
                 d_items, d_scores = dense_top_n(full, hist, self.unit[domain], tau, num_beams, banned=banned)
                 for j, (it, sc) in enumerate(zip(d_items.numpy(), d_scores.numpy())):
@@ -311,6 +306,13 @@ class Recommender:
         if mode == "generative":
             pools = [[it, sc, np.full(len(it), np.nan)] for it, sc in pools]
         return [tuple(p) for p in pools]
+
+    def _history_weights(self, scorer, toks, vectors):
+        """The dense weights of the chunk's histories: those the beam search or likelihood scoring
+        already prefilled (kept by the adapter), else one prefill for them."""
+        if isinstance(scorer, _WithItemVectors) and scorer.history_weights is not None:
+            return scorer.history_weights
+        return self.model.start_generation(toks, item_vectors=vectors)[0].history_weights
 
     def _dense_scores(self, full, hist, cands, domain, tau):
         out = []
@@ -345,8 +347,8 @@ class Recommender:
                     scorer = self.model if vectors is None else _WithItemVectors(self.model, vectors)
                     gen = score_candidates(scorer, toks, cands, self.codes[domain])
                 if mode != "generative":
-                    weights = self.model.start_generation(toks, item_vectors=vectors)[0].history_weights
-                    full, hist = self._dense_inputs(weights, kept, domain)
+                    full, hist = self._dense_inputs(self._history_weights(scorer if mode != "dense" else None,
+                                                                          toks, vectors), kept, domain)
                     dense = self._dense_scores(full, hist, cands, domain, float(self.model.dense_temperature().detach()))
             out.extend(gen if mode == "generative" else dense if mode == "dense"
                        else [(1 - w) * g + w * d for g, d in zip(gen, dense)])
