@@ -231,3 +231,77 @@ def test_cli_dense_channel_pretrain_evaluate_recommend(tmp_path, capsys):
     assert main(["recommend", *m_args, "--tokenizer", str(tok), "--model", str(tmp_path / "plain"),
                  "--history", "m3", "--mode", "dense"]) == 2
     assert "no dense item channel" in capsys.readouterr().err
+
+
+def _corpus_files(tmp_path):
+    rng = np.random.default_rng(4)
+    books = pd.DataFrame({"item_id": [f"b{i}" for i in range(30)],
+                          "title": [f"Novel {i} of the {GENRES[i % 5].lower()} shelf" for i in range(30)],
+                          "author": [f"Author {i % 7}" for i in range(30)]})
+    (tmp_path / "data").mkdir()
+    movie_items().to_csv(tmp_path / "data" / "movies.csv", index=False)
+    books.to_parquet(tmp_path / "data" / "books.parquet", index=False)
+    walks(rng, "m", 40, 30).to_csv(tmp_path / "data" / "movie_inter.csv", index=False)
+    walks(rng, "b", 30, 25).drop(columns="timestamp").to_csv(tmp_path / "data" / "book_inter.csv", index=False)
+    corpus = tmp_path / "corpus.toml"
+    corpus.write_text('''
+[mixing]
+alpha = 0.5
+
+[[domain]]
+name = "movies"
+items = "data/movies.csv"
+interactions = "data/movie_inter.csv"
+template = { noun = "movie", fields = { Title = "title", Genres = "genres" } }
+kcore = 0
+
+[[domain]]
+name = "books"
+items = "data/books.parquet"
+interactions = "data/book_inter.csv"
+ordered = false
+weight = 2.0
+kcore = 0
+''')
+    return corpus
+
+
+def test_cli_corpus_pretrain_and_zero_shot_evaluate(tmp_path, capsys):
+    """A corpus of two user-file domains: pretrain on one, evaluate the held-out one zero-shot with
+    the baselines in the same run."""
+    corpus = _corpus_files(tmp_path)
+    run = tmp_path / "run"
+    pre = ["pretrain", "--corpus", str(corpus), "--preset", "tiny", "--max-items", "6", "--epochs", "1",
+           "--levels", "2", "--codebook-size", "16", "--content-rotation-rate", "0.5", "--dense",
+           "--tokens-per-batch", "256"]
+    assert main([*pre, "--hold-out", "games", "--output", str(run)]) == 2
+    assert "--hold-out: ['games'] not among the corpus domains ['movies', 'books']" in capsys.readouterr().err
+    assert main([*pre, "--hold-out", "movies", "books", "--output", str(run)]) == 2
+    assert "nothing is left" in capsys.readouterr().err and not run.exists()
+    assert main([*pre, "--hold-out", "books", "--output", str(run)]) == 0
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["trained_on"] == ["movies"] and meta["domains"]["books"] == {"rows": [40, 70], "ordered": False}
+    assert json.loads((run / "catalogs" / "books" / "item_ids.json").read_text())[:2] == ["b0", "b1"]
+    from recbase.tokenizer import ItemTokenizer
+    tok = ItemTokenizer.load(run / "tokenizer")
+    assert len({tuple(c) for c in tok.codes}) == 70  # one tokenizer, IDs unique across both domains
+    capsys.readouterr()
+    assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "books", "--zero-shot"]) == 0
+    table = capsys.readouterr().out
+    models = [line.split("|")[2].strip() for line in table.splitlines()[2:]]
+    assert models == ["popularity", "text-kNN", "recbase generative (zero-shot)", "recbase dense (zero-shot)",
+                      "recbase hybrid (zero-shot)"]
+    for line in table.splitlines()[2:]:
+        recall, se, ndcg = (float(x) for x in line.split("|")[3:6])
+        assert 0.0 <= ndcg <= recall <= 1.0 and se >= 0.0
+    # a domain the model trained on is not zero-shot; an unknown domain is named
+    assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "movies", "--zero-shot"]) == 2
+    assert "trained on 'movies'" in capsys.readouterr().err
+    assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "games"]) == 2
+    assert "no domain 'games'" in capsys.readouterr().err
+    # a run folder is never written over a folder of the user's own files
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main([*pre, "--hold-out", "books", "--output", str(tmp_path / "mine")]) == 2
+    assert "not a recbase run" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]

@@ -113,6 +113,44 @@ def test_load_book_crossing(tmp_path, monkeypatch):
     assert other.interactions["timestamp"].tolist() == np.random.default_rng(4).permutation(6)[[0, 1, 2, 4]].tolist()
 
 
+IBM_INTER = (',article_id,title,email\r\n'
+             '0,1430.0,using pixiedust for data analysis,u1\r\n'
+             '1,14.0,"got zip code data? prep it for analytics, fast",u2\r\n'
+             '2,1430.0,using pixiedust for data analysis,u1\r\n'   # repeated read: dropped
+             '3,999.0,an article without a description,u1\r\n'
+             '4,14.0,"got zip code data? prep it for analytics, fast",\r\n')  # no user: dropped
+IBM_DOCS = (',doc_body,doc_description,doc_full_name,doc_status,article_id\r\n'
+            '0,"Skip navigation\r\n\r\nA body, with ""quotes"" and\nline breaks",'
+            'Learn PixieDust.  Fast.,Using PixieDust for Data Analysis,Live,1430\r\n'
+            '1,"short body","Prep zip code\r\ndata",Got Zip Code Data?,Live,14\r\n'
+            '2,"dup",ignored,Ignored Title,Live,14\r\n'
+            '3,"never read",x,Unread,Live,7\r\n')
+
+
+def test_load_ibm_articles(tmp_path, monkeypatch):
+    _, digest = _fake_wheel(tmp_path, "ibm-articles", {"item": IBM_DOCS, "inter": IBM_INTER})
+    monkeypatch.setitem(rd.DATASETS, "ibm-articles", rd.DATASETS["ibm-articles"].__class__(
+        **{**rd.DATASETS["ibm-articles"].__dict__, "sha256": digest}))
+    ds = rd.load("ibm-articles", tmp_path)
+    assert ds.domain == "articles" and ds.name == "ibm-articles"
+    it = ds.items.set_index("item_id")
+    assert sorted(it.index) == ["14", "1430", "999"]  # float ids -> "1430"; unread article 7 dropped
+    assert it.loc["1430", "title"] == "Using PixieDust for Data Analysis"  # the cased title
+    assert it.loc["1430", "description"] == "Learn PixieDust. Fast."  # whitespace collapsed
+    assert it.loc["14", "description"] == "Prep zip code data"  # line break inside a quoted field
+    assert it.loc["999", "title"] == "an article without a description"  # the log's title
+    assert pd.isna(it.loc["999", "description"])
+    inter = ds.interactions
+    assert inter["user_id"].tolist() == ["u1", "u2", "u1"]
+    assert inter["item_id"].tolist() == ["1430", "14", "999"]
+    assert inter["timestamp"].tolist() == [0, 1, 3]  # the row position is the order key
+    assert (inter["rating"] == 1.0).all()
+    assert ds.info["repeated_reads_dropped"] == 1 and ds.info["rows_without_user_dropped"] == 1
+    texts = ds.item_texts()
+    assert texts[0].startswith('Describe an article: {"Title": ')
+    assert any('"Description": "Prep zip code data"' in t for t in texts)
+
+
 def _frames(rng, n_items=20, n_users=6):
     items = pd.DataFrame({"item_id": [f"i{j}" for j in range(n_items)],
                           "title": [f"T{j}" for j in range(n_items)]})
@@ -231,6 +269,16 @@ def test_real_book_crossing():
     assert len(ds) == 1031178 and ds.num_items == 269862
     assert not ds.interactions.duplicated(["user_id", "item_id"]).any()
 
+
+@pytest.mark.slow
+@real_data
+def test_real_ibm_articles():
+    ds = rd.load("ibm-articles")
+    assert (ds.num_users, ds.num_items, len(ds)) == (5148, 714, 33669)
+    assert not ds.interactions.duplicated(["user_id", "item_id"]).any()
+    assert ds.items["title"].notna().all() and ds.items["description"].notna().sum() > 400
+    core = ds.kcore(5, 5)
+    assert (core.num_users, core.num_items, len(core)) == (1918, 555, 27074)
 
 
 @pytest.mark.parametrize("module", ['recbase.datasets'])

@@ -149,6 +149,50 @@ def test_hybrid_scores_fuse_generative_and_dense():
         assert not set(items[b].tolist()) & set(h) and (items[b] >= 0).all()
 
 
+def test_unordered_domain_is_read_as_a_set():
+    from recbase.recommend import SET_PERMUTATIONS, _SET_SEED
+    tok, codes, emb, model, rec = _trained_recommender()
+    rec.add_catalog("books", codes["books"], unseen=True, item_embeddings=emb["books"], unordered=True)
+    rng = np.random.default_rng(5)
+    # one history inside the context (7 items read), one longer than it
+    hist = [rng.choice(200, size=5, replace=False), rng.choice(200, size=12, replace=False)]
+    cands = [rng.choice(200, size=9, replace=False) for _ in hist]
+    got = rec.score(hist, cands, domain="books", mode="dense")
+    # the order given never matters
+    shuffled = rec.score([h[rng.permutation(len(h))] for h in hist], cands, domain="books", mode="dense")
+    for a, b in zip(got, shuffled):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    # brute force: the model's weights over each seeded ordering of the sorted set, averaged per item
+    e = unit_rows(torch.from_numpy(emb["books"]).double())
+    tau = float(model.dense_temperature().detach())
+    for b, h in enumerate(hist):
+        items = np.sort(h)
+        weight = {int(i): 0.0 for i in items}
+        for p in range(SET_PERMUTATIONS):
+            order = items[np.random.default_rng([_SET_SEED, len(items), p]).permutation(len(items))][-rec.max_items:]
+            toks = recbase.recommend.history_tokens([order], codes["books"], tok.vocab)
+            with model.content_only():
+                st, _ = model.start_generation(toks, item_vectors=[torch.from_numpy(emb["books"][order])])
+            for j, i in enumerate(order):
+                weight[int(i)] += float(st.history_weights[0, j]) / SET_PERMUTATIONS
+        assert abs(sum(weight.values()) - 1.0) < 1e-5
+        if len(h) > rec.max_items:  # items beyond the context are read too
+            assert sum(v > 0 for v in weight.values()) > rec.max_items
+        ref = [np.log(sum(w * np.exp(float(e[i] @ e[c]) / tau) for i, w in weight.items())) for c in cands[b]]
+        np.testing.assert_allclose(got[b], ref, rtol=1e-4, atol=1e-4)
+    # the generative channel still reads the given order; recommend uses the same set reading
+    items, scores = rec.recommend(hist, k=5, domain="books", mode="dense")
+    full = rec.score(hist, [np.arange(200)] * 2, domain="books", mode="dense")
+    for b, h in enumerate(hist):
+        s_ = full[b].copy()
+        s_[h] = -np.inf
+        np.testing.assert_allclose(scores[b], np.sort(s_)[::-1][:5], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unordered_domains"):
+        Recommender(model, tok.vocab, codes, unordered_domains=["games"])
+    with pytest.raises(TypeError, match="unordered_domains"):
+        Recommender(model, tok.vocab, codes, unordered_domains="books")
+
+
 def test_aligned_reading_is_invariant_to_rotating_the_unseen_domain():
     tok, codes, emb, model, rec = _trained_recommender(frame="aligned")
     hist, cands = [[3, 17, 42], [5, 8]], [[1, 2, 3, 9, 150], [4, 7, 199]]

@@ -112,6 +112,30 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # no temp leftovers
 
 
+def test_save_never_deletes_what_recbase_did_not_write(tmp_path):
+    tok = ItemTokenizer(levels=2, codebook_size=32, seed=0).fit(clustered(600, 8, centers=10, seed=3), progress=False)
+    user = tmp_path / "project"
+    user.mkdir()
+    (user / "items.csv").write_text("item_id\n1\n")
+    (user / "notes").mkdir()
+    with pytest.raises(FileExistsError, match="not a recbase artifact"):
+        tok.save(user)  # a folder of the user's own files: refused, nothing touched
+    assert sorted(p.name for p in user.iterdir()) == ["items.csv", "notes"]
+    assert (user / "items.csv").read_text() == "item_id\n1\n"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        tok.save(tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "x"
+    # re-saving a tokenizer folder keeps the files recbase's tokenizer does not write
+    tok.save(tmp_path / "tok")
+    (tmp_path / "tok" / "README.txt").write_text("mine")
+    tok.save(tmp_path / "tok")
+    assert (tmp_path / "tok" / "README.txt").read_text() == "mine"
+    np.testing.assert_array_equal(ItemTokenizer.load(tmp_path / "tok").codes, tok.codes)
+    tok.save(tmp_path / "empty") if not (tmp_path / "empty").mkdir() else None  # an empty folder is fine
+    assert (tmp_path / "empty" / "tokenizer.json").is_file()
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="dedup"):
         ItemTokenizer(dedup="maybe")

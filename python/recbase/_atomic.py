@@ -29,15 +29,30 @@ def atomic_file(path: str | os.PathLike):
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike):
-    """``with atomic_dir(p) as tmp: write files into tmp`` -> folder ``p`` is the new one."""
+def atomic_dir(path: str | os.PathLike, marker: str | None = None):
+    """``with atomic_dir(p) as tmp: write files into tmp`` -> folder ``p`` is the new one.
+
+    Never deletes what recbase did not write: an existing non-empty ``p`` without the artifact's
+    ``marker`` file (e.g. ``tokenizer.json``) is refused before anything is written, and entries of
+    an existing artifact folder that the new save does not write (a user's notes, other files) are
+    carried over into the new folder.
+    """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"path: {path} exists and is not a folder; refusing to replace it")
+    if marker is not None and path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise FileExistsError(
+            f"path: {path} is a non-empty folder that is not a recbase artifact of this kind (no {marker}); "
+            "refusing to replace it (its files would be lost). Save into a new or empty folder.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
         old = None
         if path.exists():  # a folder cannot be replaced in one step: move the old one aside first
+            for entry in path.iterdir():  # keep what this save does not write
+                if not (tmp / entry.name).exists():
+                    os.replace(entry, tmp / entry.name)
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)

@@ -6,7 +6,9 @@
     recbase tokenize  --items I --domain D --output DIR          item text -> concept IDs
                       [--encoder DIR | --embeddings E.npy]       ... another encoder, or your vectors
     recbase pretrain  --items I --interactions X --tokenizer DIR --output DIR
+    recbase pretrain  --corpus C.toml [--hold-out D ...] --output RUN   several domains, one model
     recbase evaluate  --items I --interactions X --tokenizer DIR --model DIR
+    recbase evaluate  --corpus C.toml --model RUN --domain D [--zero-shot]  with the baselines
     recbase recommend --items I --tokenizer DIR --model DIR --history ID [ID ...]
 
 Zero-shot in a new domain: pretrain with ``--content-rotation-rate 0.5`` (the demo adds
@@ -138,6 +140,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     if args.recent_pass_epochs < 0:  # refused before pretraining, not after it
         raise ValueError(f"--recent-pass-epochs must be >= 0, got {args.recent_pass_epochs}")
+    if args.corpus:
+        return _pretrain_corpus(args)
+    if args.hold_out:
+        raise ValueError("--hold-out needs --corpus")
+    for flag in ("items", "interactions", "tokenizer"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag} is required (or give --corpus)")
     tok, index = _catalog(Path(args.tokenizer))
     data = datasets.from_files(args.items, args.interactions, domain=args.domain)
     split = leave_one_out(data, index)
@@ -174,6 +183,82 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _corpus_settings(args):
+    from recbase.pipeline import PretrainSettings
+
+    return PretrainSettings(preset=args.preset, max_items=args.max_items, epochs=args.epochs, lr=args.lr,
+                            content_rotation_rate=args.content_rotation_rate,
+                            recent_pass_epochs=args.recent_pass_epochs, dense=args.dense, seed=args.seed,
+                            device=args.device, **({} if args.tokens_per_batch is None
+                                                   else {"tokens_per_batch": args.tokens_per_batch}))
+
+
+def _pretrain_corpus(args) -> int:
+    """pretrain --corpus: every domain tokenized on one tokenizer, the others' sequences mixed."""
+    from recbase.data.corpus import load_corpus
+    from recbase.pipeline import pretrain_domains, prepare_domains, save_run, tokenize_domains
+
+    corpus = load_corpus(args.corpus)  # every check before any work
+    for flag in ("items", "interactions", "tokenizer"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag} and --corpus exclude each other (the corpus lists the files)")
+    unknown = sorted(set(args.hold_out) - set(corpus.names()))
+    if unknown:
+        raise ValueError(f"--hold-out: {unknown} not among the corpus domains {corpus.names()}")
+    train_on = [n for n in corpus.names() if n not in args.hold_out]
+    if not train_on:
+        raise ValueError("--hold-out: every domain is held out; nothing is left to pretrain on")
+    out = Path(args.output)
+    if out.is_dir() and any(out.iterdir()) and not (out / "run.json").is_file():
+        raise FileExistsError(f"--output: {out} is a non-empty folder that is not a recbase run (no run.json); "
+                              "refusing to write into it. Use a new or empty folder.")
+    settings = _corpus_settings(args)
+    settings.alpha = corpus.alpha
+    domains = prepare_domains(corpus, device=args.device)
+    tok = tokenize_domains(domains, levels=args.levels, codebook_size=args.codebook_size, seed=args.seed)
+    model = pretrain_domains(domains, tok, train_on, settings, output_dir=out / "run")
+    save_run(out, domains, tok, model, train_on, corpus_source=str(Path(args.corpus).resolve()))
+    print(json.dumps({"trained_on": train_on, "held_out": list(args.hold_out),
+                      "fusion_weights": getattr(model.config, "fusion_weights", {})}))
+    print(f"run saved to {out}")
+    return 0
+
+
+def _evaluate_corpus(args) -> int:
+    import numpy as np
+
+    from recbase.data.corpus import load_corpus
+    from recbase.pipeline import evaluate_domain, load_run, prepare_domains
+
+    corpus = load_corpus(args.corpus)
+    corpus.domain(args.domain)  # a clear error for a domain the corpus does not have
+    tok, model, meta = load_run(args.model)
+    if args.zero_shot and args.domain in meta["trained_on"]:
+        raise ValueError(f"--zero-shot: the model in {args.model} trained on {args.domain!r} (trained on "
+                         f"{meta['trained_on']}); pretrain with --hold-out {args.domain}")
+    if args.domain not in meta["domains"]:
+        raise ValueError(f"--domain: {args.domain!r} is not in the run {args.model} ({sorted(meta['domains'])})")
+    corpus.domains = [corpus.domain(args.domain)]
+    domains = prepare_domains(corpus, device=args.device)
+    d = domains[args.domain]
+    lo, hi = meta["domains"][args.domain]["rows"]
+    saved_ids = json.loads((Path(args.model) / "catalogs" / args.domain / "item_ids.json").read_text())
+    ids = d.split.item_index.decode(np.arange(d.split.num_items)).tolist()
+    if saved_ids != ids:  # another catalog than the one tokenized: the IDs would be wrong
+        raise ValueError(f"--corpus: domain {args.domain!r} has other items than the run in {args.model} "
+                         "was tokenized on (item_ids.json differs); pretrain again on this corpus")
+    d.codes = tok.codes[lo:hi]
+    rows = evaluate_domain(model, tok, domains, args.domain, zero_shot=args.zero_shot,
+                           max_users=args.max_users or None, num_beams=max(args.num_beams, 20), seed=args.seed,
+                           device=args.device)
+    cols = ["recall@10", "se_recall@10", "ndcg@10", "se_ndcg@10", "mrr"]
+    print("| domain | model | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for r in rows:
+        print(f"| {r['domain']} | {r['model']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from recbase import datasets
     from recbase.data.splits import leave_one_out
@@ -181,12 +266,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from recbase.model import RecBaseForCausalLM
     from recbase.recommend import Recommender
 
+    if args.corpus:
+        return _evaluate_corpus(args)
+    if args.zero_shot:
+        raise ValueError("--zero-shot needs --corpus (without it, say --unseen)")
+    for flag in ("items", "interactions", "tokenizer"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag} is required (or give --corpus)")
     tok, index = _catalog(Path(args.tokenizer))
     data = datasets.from_files(args.items, args.interactions, domain=args.domain)
     split = leave_one_out(data, index)
     model = RecBaseForCausalLM.from_pretrained(args.model)
     rec = Recommender(model, tok.vocab, {args.domain: tok.codes}, device=args.device,
                       unseen_domains=[args.domain] if args.unseen else [],
+                      unordered_domains=[args.domain] if args.unordered else [],
                       item_embeddings=_dense_embeddings(args, model, tok, args.domain))
     items, _ = rec.recommend(split.test_histories, k=20, num_beams=args.num_beams, mode=args.mode)
     print(json.dumps(evaluate_rankings(items, split.test_targets), indent=2))
@@ -210,6 +303,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     model = RecBaseForCausalLM.from_pretrained(args.model)
     rec = Recommender(model, tok.vocab, {"catalog": tok.codes}, device=args.device,
                       unseen_domains=["catalog"] if args.unseen else [],
+                      unordered_domains=["catalog"] if args.unordered else [],
                       item_embeddings=_dense_embeddings(args, model, tok, "catalog"))
     history = index.encode(args.history)
     items, scores = rec.recommend([history], k=args.k, num_beams=max(args.num_beams, args.k), mode=args.mode)
@@ -240,20 +334,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a small, fast variant (smoke test)")
     s.set_defaults(func=_cmd_demo)
 
-    def common(s, need_model=False, need_inter=False):
-        s.add_argument("--items", required=True, help="CSV/Parquet with item_id + attributes")
+    def common(s, need_model=False, need_inter=False, corpus=False):
+        s.add_argument("--items", required=not corpus, help="CSV/Parquet with item_id + attributes")
         if need_inter:
-            s.add_argument("--interactions", required=True, help="CSV/Parquet: user_id, item_id[, timestamp]")
+            s.add_argument("--interactions", required=not corpus, help="CSV/Parquet: user_id, item_id[, timestamp]")
+        if corpus:
+            s.add_argument("--corpus", default=None,
+                           help="a corpus TOML file (recbase.data.corpus): several domains instead of "
+                                "--items/--interactions")
         s.add_argument("--domain", default="movies", help="domain name (built-in templates: movies, books)")
         s.add_argument("--device", default="cpu")
         s.add_argument("--seed", type=int, default=0)
         if need_model:
-            s.add_argument("--tokenizer", required=True, help="folder written by `recbase tokenize`")
-            s.add_argument("--model", required=True, help="folder written by `recbase pretrain`")
+            s.add_argument("--tokenizer", required=not corpus, help="folder written by `recbase tokenize`")
+            s.add_argument("--model", required=True, help="folder written by `recbase pretrain` "
+                                                          "(with --corpus: the run folder of `pretrain --corpus`)")
             s.add_argument("--num-beams", type=int, default=20)
             s.add_argument("--unseen", action="store_true",
                            help="a domain the model never trained on: read it by concept content alone "
                                 "(needs a model pretrained with --content-rotation-rate > 0)")
+            s.add_argument("--unordered", action="store_true",
+                           help="the histories have no meaningful order (no timestamps): the dense channel "
+                                "reads each history as a set (recbase.recommend)")
             s.add_argument("--mode", default=None, choices=["generative", "dense", "hybrid"],
                            help="beam search, the dense head, or both fused (default: hybrid for a model "
                                 "pretrained with --dense, else generative)")
@@ -278,8 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_tokenize)
 
     s = sub.add_parser("pretrain", help="pretrain a model on interaction sequences")
-    common(s, need_inter=True)
-    s.add_argument("--tokenizer", required=True)
+    common(s, need_inter=True, corpus=True)
+    s.add_argument("--tokenizer", default=None, help="folder written by `recbase tokenize` (not with --corpus)")
+    s.add_argument("--hold-out", nargs="*", default=[],
+                   help="with --corpus: domains whose interactions are never trained on (tokenized from their "
+                        "text only), to evaluate them zero-shot")
+    s.add_argument("--levels", type=int, default=3, help="with --corpus: concept ID levels")
+    s.add_argument("--codebook-size", type=int, default=256, help="with --corpus: codes per level")
     s.add_argument("--preset", default="small", choices=["tiny", "small", "base", "large"])
     s.add_argument("--max-items", type=int, default=20)
     s.add_argument("--epochs", type=int, default=10)
@@ -300,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser("evaluate", help="leave-one-out next-item metrics")
-    common(s, need_model=True, need_inter=True)
+    common(s, need_model=True, need_inter=True, corpus=True)
+    s.add_argument("--zero-shot", action="store_true",
+                   help="with --corpus: the domain was held out from pretraining; read it zero-shot")
+    s.add_argument("--max-users", type=int, default=2000, help="with --corpus: evaluated users (seeded sample; 0 = all)")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("recommend", help="top-k items for one history")
@@ -315,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"recbase {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -91,9 +91,10 @@ def merge_lora(peft_model) -> RecBaseForCausalLM:
 
 def save_lora(peft_model, path: str | os.PathLike) -> None:
     """Write only the adapters (``adapter_model.safetensors`` + ``adapter_config.json``) to the
-    folder ``path``, atomically: a crash leaves the previous folder or the new one, never a mix."""
+    folder ``path``, atomically: a crash leaves the previous folder or the new one, never a mix. A
+    non-empty folder that holds no adapters is refused (nothing of the user's is deleted)."""
     _check_peft(peft_model)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, marker="adapter_config.json") as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
 
 

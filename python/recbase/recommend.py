@@ -13,6 +13,16 @@ With a dense item channel (``RecBaseConfig.item_vector_dim``) and the catalogs' 
 * ``"hybrid"`` (the default then): the beam's items together with the dense top-N, re-ranked by
   ``(1 - w) * log-likelihood + w * dense score``, w = ``model.config.fusion_weights["seen"|"unseen"]``
   (chosen on the source domains' validation items by :func:`choose_fusion`).
+
+A domain whose histories have no order (``unordered_domains``; e.g. Book-Crossing, whose order is
+a seeded random permutation) is read as a set by the dense channel: the model's history weights are
+averaged over ``SET_PERMUTATIONS`` seeded orderings of the user's whole history (up to
+``SET_MAX_ITEMS`` latest items, sorted first, so the score depends on the set alone), each ordering
+read through the model's context as usual: every item of the set gets the weight the model gives it
+on average over where it could stand, and items beyond the context are read too. The generative
+channel reads the history in the order given. Measured (docs/results.md): on shuffled movie
+validation histories and on the held-out articles catalog, shuffled, it lifts the dense Recall@10
+from 0.020 to 0.027 and from 0.067 to 0.075.
 """
 from __future__ import annotations
 
@@ -27,6 +37,9 @@ from recbase.tokenizer import ConceptVocab
 
 MODES = ("generative", "dense", "hybrid")
 DEFAULT_FUSION_WEIGHT = 0.5  # before choose_fusion has set one
+SET_PERMUTATIONS = 8  # orderings averaged when a history is read as a set
+SET_MAX_ITEMS = 50  # most recent items of a history read as a set (bounds the cost)
+_SET_SEED = 0x5E7  # the orderings are a pure function of (this seed, history length, p)
 
 
 class _WithItemVectors:
@@ -110,7 +123,7 @@ class Recommender:
     def __init__(self, model, vocab: ConceptVocab, catalogs: dict[str, np.ndarray],
                  max_items: int | None = None, device: str | torch.device = "cpu",
                  unseen_domains: Sequence[str] = (), item_embeddings: dict | None = None,
-                 unseen_frame: str = "identity"):
+                 unseen_frame: str = "identity", unordered_domains: Sequence[str] = ()):
         from recbase.trie import ConceptTrie
 
         if not catalogs:
@@ -120,7 +133,13 @@ class Recommender:
             raise ValueError(f"unseen_domains: {unknown} not among the catalogs {sorted(catalogs)}")
         if unseen_domains and not getattr(model.config, "concept_vector_dim", 0):
             raise ValueError("unseen_domains needs a model with concept vectors (concept_vector_dim > 0)")
+        if isinstance(unordered_domains, str):
+            raise TypeError(f"unordered_domains: expected a list of domain names, got the str {unordered_domains!r}")
+        unknown = sorted(set(unordered_domains) - set(catalogs))
+        if unknown:
+            raise ValueError(f"unordered_domains: {unknown} not among the catalogs {sorted(catalogs)}")
         self.unseen_domains = frozenset(unseen_domains)
+        self.unordered_domains = frozenset(unordered_domains)
         self.model = model.to(device).eval()
         self.vocab = vocab
         self.device = torch.device(device)
@@ -166,9 +185,11 @@ class Recommender:
         source = torch.cat([self.embeddings[d] for d in seen]).cpu()
         self.frames[domain] = frame_alignment(self.embeddings[domain].cpu(), source).float().to(self.device)
 
-    def add_catalog(self, domain: str, codes, unseen: bool = True, item_embeddings=None) -> None:
+    def add_catalog(self, domain: str, codes, unseen: bool = True, item_embeddings=None,
+                    unordered: bool = False) -> None:
         """Add (or replace) one domain's catalog: its (N, L) concept IDs, whether the model never
-        trained on it, and its items' text embeddings (for the dense channel)."""
+        trained on it, its items' text embeddings (for the dense channel) and whether its
+        histories have no order (read as sets by the dense channel)."""
         from recbase.trie import ConceptTrie
 
         if unseen and not getattr(self.model.config, "concept_vector_dim", 0):
@@ -182,6 +203,8 @@ class Recommender:
         if item_embeddings is not None:
             self._set_embeddings(domain, item_embeddings)
         self.unseen_domains = self.unseen_domains | {domain} if unseen else self.unseen_domains - {domain}
+        self.unordered_domains = (self.unordered_domains | {domain} if unordered
+                                  else self.unordered_domains - {domain})
         if unseen:
             self._set_frame(domain)
 
@@ -222,6 +245,25 @@ class Recommender:
         kept = [np.asarray(h, dtype=np.int64)[-self.max_items:] if self.max_items is not None
                 else np.asarray(h, dtype=np.int64) for h in chunk]  # the items history_tokens kept
         return toks, [self.embeddings[domain][torch.as_tensor(h)] for h in kept], kept
+
+    def _dense_reading(self, scorer, toks, vectors, kept, chunk, domain):
+        """[B, M] weights and [B, M, d] unit embeddings the dense score mixes: the prefill's weights
+        over the kept history, or for an unordered domain the set reading (module docstring)."""
+        if domain not in self.unordered_domains:
+            return self._dense_inputs(self._history_weights(scorer, toks, vectors), kept, domain)
+        # sorted first, so the reading is a function of the set alone (the given order never matters)
+        items = [np.sort(np.asarray(h, dtype=np.int64)[-SET_MAX_ITEMS:]) for h in chunk]
+        acc = [torch.zeros(len(h), device=self.device) for h in items]
+        for p in range(SET_PERMUTATIONS):
+            perms = [np.random.default_rng([_SET_SEED, len(h), p]).permutation(len(h)) for h in items]
+            toks_p, vectors_p, kept_p = self._prefill_inputs([h[pm] for h, pm in zip(items, perms)], domain)
+            w = self.model.start_generation(toks_p, item_vectors=vectors_p)[0].history_weights
+            for b, pm in enumerate(perms):
+                m = len(kept_p[b])  # the window read the last m items of this ordering
+                if m:
+                    acc[b][torch.as_tensor(pm[len(pm) - m:], device=self.device)] += w[b, :m] / SET_PERMUTATIONS
+        return self._dense_inputs(torch.nn.utils.rnn.pad_sequence(acc, batch_first=True) if acc
+                                  else torch.zeros(0, 1, device=self.device), items, domain)
 
     def _dense_inputs(self, weights, kept, domain):
         """Padded [B, M] weights and [B, M, d] unit embeddings of each user's kept history."""
@@ -289,7 +331,7 @@ class Recommender:
                         keep &= ~np.isin(it, banned[j])
                     pools[j] = [it[keep], sc[keep].astype(np.float64)]
             if mode in ("dense", "hybrid"):
-                full, hist = self._dense_inputs(self._history_weights(scorer, toks, vectors), kept, domain)
+                full, hist = self._dense_reading(scorer, toks, vectors, kept, chunk, domain)
                 tau = float(self.model.dense_temperature().detach())
                 d_items, d_scores = dense_top_n(full, hist, self.unit[domain], tau, num_beams, banned=banned)
                 for j, (it, sc) in enumerate(zip(d_items.numpy(), d_scores.numpy())):
@@ -347,8 +389,8 @@ class Recommender:
                     scorer = self.model if vectors is None else _WithItemVectors(self.model, vectors)
                     gen = score_candidates(scorer, toks, cands, self.codes[domain])
                 if mode != "generative":
-                    full, hist = self._dense_inputs(self._history_weights(scorer if mode != "dense" else None,
-                                                                          toks, vectors), kept, domain)
+                    full, hist = self._dense_reading(scorer if mode != "dense" else None, toks, vectors, kept,
+                                                     histories[s:s + batch_size], domain)
                     dense = self._dense_scores(full, hist, cands, domain, float(self.model.dense_temperature().detach()))
             out.extend(gen if mode == "generative" else dense if mode == "dense"
                        else [(1 - w) * g + w * d for g, d in zip(gen, dense)])

@@ -349,11 +349,13 @@ class ItemTokenizer:
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the tokenizer to directory ``path`` atomically (all files or none)."""
+        """Write the tokenizer to directory ``path`` atomically (all files or none). A non-empty
+        ``path`` that is not a tokenizer folder is refused (nothing of the user's is deleted); files
+        of an existing tokenizer folder that the tokenizer does not write are kept."""
         self._check_fitted()
         from safetensors.numpy import save_file
 
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, marker="tokenizer.json") as tmp:
             self.quantizer.save(tmp / "quantizer.safetensors")
             save_file({"codes": np.ascontiguousarray(self.codes)}, str(tmp / "codes.safetensors"))
             meta = {"format_version": _FORMAT_VERSION, "levels": self.levels,

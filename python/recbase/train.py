@@ -218,7 +218,7 @@ def recent_pass(model, split, item_tokens: np.ndarray, bos: int, max_items: int,
                 device: str = "cpu", progress: bool = True, output_dir=None,
                 item_vectors: "ItemVectors | None" = None) -> dict:
     """The closing pass of pretraining: ``epochs`` passes over every user's most recent window
-    (its last ``max_items`` training items) with the concepts read normally -- no rotated
+    (its last ``max_items`` training items; ``split`` and ``item_tokens`` may be lists, one per domain) with the concepts read normally -- no rotated
     content-only steps -- at a low learning rate, warm-up 10 steps + cosine. Returns the
     ``Trainer`` state (``history`` holds the validation loss on ``valid``).
 
@@ -231,7 +231,12 @@ def recent_pass(model, split, item_tokens: np.ndarray, bos: int, max_items: int,
         raise ValueError(f"recent_pass: epochs must be an int >= 1, got {epochs!r}")
     if not lr > 0:
         raise ValueError(f"recent_pass: lr must be > 0, got {lr!r}")
-    train, _ = pretraining_sequences(split, item_tokens, bos, max_items, recent=max_items, valid_users=[])
+    # several domains: a list of splits with their item tokens, every domain's latest windows
+    splits, tokens = (split, item_tokens) if isinstance(split, (list, tuple)) else ([split], [item_tokens])
+    if len(splits) != len(tokens):
+        raise ValueError(f"recent_pass: {len(splits)} splits but {len(tokens)} item token tables")
+    train = [seq for sp, tk in zip(splits, tokens)
+             for seq in pretraining_sequences(sp, tk, bos, max_items, recent=max_items, valid_users=[])[0]]
     cfg = TrainConfig(epochs=epochs, tokens_per_batch=tokens_per_batch, lr=lr, warmup_steps=10, seed=seed,
                       device=device, progress=progress)
     return Trainer(model, train, valid, cfg, output_dir=output_dir, item_vectors=item_vectors).fit()

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["ItemTemplate", "MOVIE_TEMPLATE", "BOOK_TEMPLATE", "TEMPLATES", "template_for",
+__all__ = ["ItemTemplate", "MOVIE_TEMPLATE", "BOOK_TEMPLATE", "ARTICLE_TEMPLATE", "TEMPLATES", "template_for",
            "render_items"]
 
 
@@ -130,11 +130,13 @@ class ItemTemplate:
 MOVIE_TEMPLATE = ItemTemplate("movie", {"Title": "title", "Year": "year", "Genres": "genres"})
 BOOK_TEMPLATE = ItemTemplate("book", {"Title": "title", "Author": "author", "Year": "year",
                                       "Publisher": "publisher"})
-TEMPLATES: dict[str, ItemTemplate] = {"movies": MOVIE_TEMPLATE, "books": BOOK_TEMPLATE}
+ARTICLE_TEMPLATE = ItemTemplate("article", {"Title": "title", "Description": "description"})
+TEMPLATES: dict[str, ItemTemplate] = {"movies": MOVIE_TEMPLATE, "books": BOOK_TEMPLATE,
+                                      "articles": ARTICLE_TEMPLATE}
 
 
 def template_for(domain: str) -> ItemTemplate:
-    """Built-in template of a domain ("movies", "books")."""
+    """Built-in template of a domain ("movies", "books", "articles")."""
     if domain not in TEMPLATES:
         raise ValueError(f"template_for: no built-in template for domain {domain!r} (have "
                          f"{sorted(TEMPLATES)}); declare one with ItemTemplate(noun, fields)")

@@ -1,0 +1,257 @@
+"""The stages of recbase on a corpus, as functions the CLI and users' scripts call.
+
+    corpus (recbase.data.corpus) -> prepare_domains   load, split, item text, embeddings
+                                 -> tokenize_domains  one tokenizer on every domain's item text
+                                 -> pretrain_domains  one model on the trained domains' sequences
+                                 -> evaluate_domain   recbase next to popularity and text-kNN
+    save_run / load_run: one folder holding the tokenizer, the model and what each domain was.
+
+A domain left out of ``train_on`` is held out: its items are tokenized from their text (no
+interaction is read), the model never trains on its sequences, and ``evaluate_domain`` reads it
+zero-shot (by concept content alone, plus the dense channel when the model has one).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from recbase._atomic import atomic_file
+
+__all__ = ["DomainData", "PretrainSettings", "prepare_domains", "tokenize_domains", "pretrain_domains",
+           "evaluate_domain", "save_run", "load_run"]
+
+_RUN_FORMAT = 1
+
+
+@dataclass
+class DomainData:
+    """One domain ready to train or evaluate on: its leave-one-out split, the (centred) text
+    embeddings of its catalog (row = item index), whether its histories are ordered, its
+    sampling weight, and its concept IDs once tokenized."""
+
+    name: str
+    split: object
+    embeddings: np.ndarray
+    ordered: bool = True
+    weight: float = 1.0
+    codes: np.ndarray | None = None
+
+
+@dataclass
+class PretrainSettings:
+    """What ``pretrain_domains`` trains; the defaults are the demo's (docs/results.md)."""
+
+    preset: str = "small"
+    hidden_size: int | None = None  # None: the preset's (the demo: 128)
+    num_layers: int | None = None  # None: the preset's (the demo: 2)
+    max_items: int = 15
+    train_items_per_user: int | None = 60
+    epochs: int = 5
+    tokens_per_batch: int = 2048
+    lr: float = 2e-3
+    content_rotation_rate: float = 0.5
+    recent_pass_epochs: int = 1
+    recent_pass_lr: float = 5e-4
+    dense: bool = True
+    valid_users: int = 1000  # per trained domain, seeded; their validation items drive early stopping
+    alpha: float = 0.5  # corpus mixing exponent (recbase.data.corpus)
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def prepare_domains(corpus, encoder=None, device: str = "cpu") -> dict[str, DomainData]:
+    """Load every domain of ``corpus``, split it leave-one-out and embed its items' text with one
+    encoder (default: the packaged local one), each domain centred on its own mean."""
+    from recbase.data import TextEncoder
+    from recbase.data.splits import leave_one_out
+    from recbase.tokenizer import centre_embeddings
+
+    encoder = encoder or TextEncoder(device=device)
+    out = {}
+    for d in corpus.domains:
+        ds = d.load()
+        split = leave_one_out(ds)
+        catalog = ds.items.set_index("item_id").loc[split.item_index.decode(np.arange(split.num_items))]
+        texts = d.item_template().render_frame(catalog.reset_index())
+        out[d.name] = DomainData(d.name, split, centre_embeddings(encoder.encode(texts)), d.is_ordered, d.weight)
+    return out
+
+
+def tokenize_domains(domains: dict[str, DomainData], levels: int = 3, codebook_size: int = 256,
+                     dedup: str = "reassign", seed: int = 0):
+    """One ItemTokenizer fitted on the item text of every domain (held-out ones included: text
+    only); sets each domain's ``codes`` (unique across all domains). Returns the tokenizer."""
+    from recbase.tokenizer import ItemTokenizer
+
+    tok = ItemTokenizer(levels=levels, codebook_size=codebook_size, dedup=dedup, seed=seed)
+    tok.fit(np.concatenate([d.embeddings for d in domains.values()]))
+    start = 0
+    for d in domains.values():
+        d.codes = tok.codes[start:start + len(d.embeddings)]
+        start += len(d.embeddings)
+    return tok
+
+
+def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str], settings: PretrainSettings,
+                     output_dir: str | Path | None = None):
+    """Pretrain one RecBase model on the sequences of the ``train_on`` domains, mixed by the
+    corpus rule (``recbase.data.corpus.mix_sequences``), validation loss on up to
+    ``settings.valid_users`` users per domain; with ``settings.dense`` the dense item channel, and
+    the hybrid fusion weights chosen on the trained domains' validation users (read as seen and as
+    unseen). Returns the model."""
+    from recbase.data.corpus import mix_sequences
+    from recbase.model import RecBaseConfig, RecBaseForCausalLM
+    from recbase.recommend import Recommender, choose_fusion
+    from recbase.train import ItemVectors, Trainer, TrainConfig, pretraining_sequences, recent_pass
+
+    s = settings
+    unknown = sorted(set(train_on) - set(domains))
+    if not train_on or unknown:
+        raise ValueError(f"train_on: expected domain names among {sorted(domains)}, got {list(train_on)}")
+    if any(domains[n].codes is None for n in domains):
+        raise ValueError("domains: tokenize them first (tokenize_domains)")
+    bos = tok.vocab.BOS
+    train, valid, users = [], [], {}
+    for i, name in enumerate(train_on):
+        d = domains[name]
+        n = d.split.num_users
+        users[name] = np.sort(np.random.default_rng([s.seed, i]).permutation(n)[:s.valid_users])
+        t, v = pretraining_sequences(d.split, tok.tokens(d.codes), bos, s.max_items, s.train_items_per_user,
+                                     users[name])
+        train.append(t)
+        valid.extend(v)
+    mixed, _ = mix_sequences(train, [domains[n].weight for n in train_on], s.alpha, s.seed)
+    content = s.content_rotation_rate > 0
+    dim = domains[train_on[0]].embeddings.shape[1]
+    size = {} if s.hidden_size is None else {"hidden_size": s.hidden_size, "intermediate_size": 3 * s.hidden_size}
+    if s.num_layers is not None:
+        size["num_hidden_layers"] = s.num_layers
+    cfg = RecBaseConfig.from_preset(
+        s.preset, levels=tok.id_length, codebook_size=tok.codebook_size, max_items=s.max_items, **size,
+        concept_vector_dim=tok.quantizer.codebooks.shape[2] if content else 0,
+        item_vector_dim=dim if s.dense else 0)
+    model = RecBaseForCausalLM(cfg)
+    if content:
+        model.set_concept_vectors(tok.quantizer.codebooks)
+    vectors = None
+    if s.dense:
+        vectors = ItemVectors(np.concatenate([tok.tokens(domains[n].codes) for n in train_on]),
+                              np.concatenate([domains[n].embeddings for n in train_on]), tok.codebook_size)
+    out = Path(output_dir) if output_dir is not None else None
+    tcfg = TrainConfig(epochs=s.epochs, tokens_per_batch=s.tokens_per_batch, lr=s.lr, warmup_steps=50, seed=s.seed,
+                       device=s.device, content_rotation_rate=s.content_rotation_rate, progress=s.progress)
+    Trainer(model, mixed, valid, tcfg, output_dir=None if out is None else out / "pretrain",
+            item_vectors=vectors).fit()
+    if s.recent_pass_epochs:
+        recent_pass(model, [domains[n].split for n in train_on], [tok.tokens(domains[n].codes) for n in train_on],
+                    bos, s.max_items, valid, epochs=s.recent_pass_epochs, lr=s.recent_pass_lr, seed=s.seed + 1,
+                    tokens_per_batch=s.tokens_per_batch, device=s.device, progress=s.progress,
+                    output_dir=None if out is None else out / "recent-pass", item_vectors=vectors)
+    if s.dense:
+        # fusion weights on the trained domains' validation users only (the first domain's, the
+        # largest share of users usually; every held-out domain gets the "unseen" weight)
+        first = train_on[0]
+        d = domains[first]
+        rec = Recommender(model, tok.vocab, {first: d.codes}, max_items=s.max_items, device=s.device,
+                          item_embeddings={first: d.embeddings})
+        for reading in ("seen", "unseen") if content else ("seen",):
+            choose_fusion(rec, first, [d.split.valid_histories[u] for u in users[first]],
+                          d.split.valid_targets[users[first]], reading=reading, num_beams=20)
+    return model
+
+
+def _sample_users(n: int, limit: int | None, seed: int) -> np.ndarray:
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def evaluate_domain(model, tok, domains: dict[str, DomainData], domain: str, *, zero_shot: bool,
+                    split: str = "test", max_users: int | None = 2000, num_beams: int = 60, ks=(5, 10, 20),
+                    seed: int = 0, device: str = "cpu") -> list[dict]:
+    """Leave-one-out metrics on one domain: popularity (counts the domain's own interactions:
+    context, not zero-shot), text-kNN and recbase (every mode the model has), the same users.
+    ``zero_shot``: read the domain as unseen (the model must not have trained on it)."""
+    from recbase.baselines import Popularity, TextKNN
+    from recbase.evaluate import _per_user, evaluate_rankings
+    from recbase.recommend import Recommender
+
+    if domain not in domains:
+        raise ValueError(f"domain: {domain!r} is not in the corpus {sorted(domains)}")
+    if split not in ("test", "valid"):
+        raise ValueError(f"split: expected 'test' or 'valid', got {split!r}")
+    d = domains[domain]
+    sp = d.split
+    users = _sample_users(sp.num_users, max_users, seed)
+    hist = sp.test_histories if split == "test" else sp.valid_histories
+    targets = (sp.test_targets if split == "test" else sp.valid_targets)[users]
+    histories = [hist[u] for u in users]
+    kmax = max(ks)
+    dense = bool(getattr(model.config, "item_vector_dim", 0))
+    rec = Recommender(model, tok.vocab, {domain: d.codes}, device=device,
+                      unseen_domains=[domain] if zero_shot else [],
+                      unordered_domains=[] if d.ordered else [domain],
+                      item_embeddings={domain: d.embeddings} if dense else None)
+    runs = [("popularity", lambda h: Popularity().fit(sp.train_sequences, num_items=sp.num_items).recommend(h, kmax)),
+            ("text-kNN", lambda h: TextKNN(d.embeddings, max_history=20).fit().recommend(h, kmax))]
+    label = "zero-shot" if zero_shot else "in-domain"
+    for mode in ("generative", "dense", "hybrid") if dense else ("generative",):
+        runs.append((f"recbase {mode} ({label})",
+                     lambda h, m=mode: rec.recommend(h, k=kmax, domain=domain, num_beams=max(num_beams, kmax), mode=m)[0]))
+    rows = []
+    for name, fn in runs:
+        items = fn(histories)
+        row = {"domain": domain, "model": name, "users": len(users), **evaluate_rankings(items, targets, ks)}
+        for metric in ("recall", "ndcg"):
+            per = _per_user(items, targets, 10, metric)
+            row[f"se_{metric}@10"] = float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else float("nan")
+        rows.append(row)
+    return rows
+
+
+def save_run(path: str | Path, domains: dict[str, DomainData], tok, model, train_on: Sequence[str],
+             corpus_source: str = "") -> None:
+    """One folder: ``tokenizer/``, ``model/``, ``catalogs/<domain>/{item_ids.json, embeddings.npy}``
+    and ``run.json`` (the domains, which were trained on, the corpus file)."""
+    path = Path(path)
+    own = {"run", "tokenizer", "model", "catalogs", "run.json"}  # what a run folder holds (training first)
+    if path.is_dir() and not (path / "run.json").is_file() and {p.name for p in path.iterdir()} - own:
+        raise FileExistsError(f"--output: {path} is a non-empty folder that is not a recbase run (no run.json); "
+                              "refusing to write into it. Use a new or empty folder.")
+    tok.save(path / "tokenizer")
+    model.save_pretrained(path / "model")
+    offsets, start = {}, 0
+    for name, d in domains.items():
+        folder = path / "catalogs" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(folder / "item_ids.json") as tmp:
+            tmp.write_text(json.dumps(d.split.item_index.decode(np.arange(d.split.num_items)).tolist()))
+        with atomic_file(folder / "embeddings.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, d.embeddings)
+        offsets[name] = [start, start + len(d.embeddings)]
+        start += len(d.embeddings)
+    meta = {"format_version": _RUN_FORMAT, "corpus": corpus_source, "trained_on": list(train_on),
+            "domains": {n: {"rows": offsets[n], "ordered": d.ordered} for n, d in domains.items()}}
+    with atomic_file(path / "run.json") as tmp:  # last: a run.json never points at missing files
+        tmp.write_text(json.dumps(meta, indent=2))
+
+
+def load_run(path: str | Path):
+    """(tokenizer, model, run.json dict) of a folder written by :func:`save_run`."""
+    from recbase.model import RecBaseForCausalLM
+    from recbase.tokenizer import ItemTokenizer
+
+    path = Path(path)
+    meta_file = path / "run.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"--model: {path} has no run.json (written by `recbase pretrain --corpus`)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != _RUN_FORMAT:
+        raise ValueError(f"--model: {meta_file} has format {meta.get('format_version')!r}; this recbase reads {_RUN_FORMAT}")
+    return ItemTokenizer.load(path / "tokenizer"), RecBaseForCausalLM.from_pretrained(path / "model"), meta
