@@ -305,3 +305,34 @@ def test_cli_corpus_pretrain_and_zero_shot_evaluate(tmp_path, capsys):
     assert main([*pre, "--hold-out", "books", "--output", str(tmp_path / "mine")]) == 2
     assert "not a recbase run" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+def test_cli_tokenize_keeps_ids_as_written_and_refuses_bad_ids(tmp_path, capsys):
+    emb = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", emb)
+    items = pd.DataFrame({"item_id": [f"{i:03d}" for i in range(40)], "title": [f"t{i}" for i in range(40)]})
+    items.to_csv(tmp_path / "items.csv", index=False)
+    args = ["--domain", "movies", "--embeddings", str(tmp_path / "emb.npy"), "--levels", "2", "--codebook-size", "8"]
+    assert main(["tokenize", "--items", str(tmp_path / "items.csv"), *args, "--output", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "item_ids.json").read_text())[:3] == ["000", "001", "002"]  # zeros kept
+    for name, bad, msg in (("dup.csv", items.assign(item_id=["007"] * 2 + items["item_id"].tolist()[2:]), "duplicate"),
+                           ("missing.csv", items.assign(item_id=[""] + items["item_id"].tolist()[1:]), "without an item_id")):
+        bad.to_csv(tmp_path / name, index=False)
+        capsys.readouterr()
+        assert main(["tokenize", "--items", str(tmp_path / name), *args, "--output", str(tmp_path / name[:-4])]) == 2
+        err = capsys.readouterr().err
+        assert "--items" in err and msg in err, err
+        assert not (tmp_path / name[:-4]).exists()
+
+
+def test_cli_refuses_settings_that_do_nothing_before_any_work(tmp_path, capsys):
+    _, common = user_files(tmp_path, 0)
+    pre = ["pretrain", *common, "--interactions", str(tmp_path / "inter.csv"), "--tokenizer", str(tmp_path / "none")]
+    for flag, value, msg in (("--epochs", "0", "--epochs must be >= 1"), ("--max-items", "1", "--max-items must be >= 2"),
+                             ("--content-rotation-rate", "1.5", "--content-rotation-rate must be in [0, 1]")):
+        assert main([*pre, flag, value, "--output", str(tmp_path / "m")]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["recommend", *common, "--tokenizer", str(tmp_path / "none"), "--model", str(tmp_path / "none"),
+                 "--history", "m1", "-k", "0"]) == 2
+    assert "-k must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -270,3 +270,19 @@ def test_bad_input_names_the_argument():
         recbase.RecBaseConfig(fusion_weights={"seen": 1.5})
     with pytest.raises(ValueError, match="unseen_frame"):
         Recommender(model, tok.vocab, codes, unseen_frame="pca")
+
+
+def test_a_catalog_whose_codes_stop_below_k_is_searched_on_the_models_k():
+    tok, codes, emb, model, rec = _trained_recommender()
+    pick = np.flatnonzero(codes["books"].max(1) < 20)[:4]  # codes far below K = 32
+    small = codes["books"][pick]
+    assert len(small) == 4 and small.max() < model.config.codebook_size - 1  # the trie must not infer K
+    rec.add_catalog("few", small, unseen=True, item_embeddings=emb["books"][pick])
+    for mode in ("generative", "dense", "hybrid"):
+        items, scores = rec.recommend([[0], [1]], k=2, domain="few", num_beams=4, mode=mode)
+        assert ((items >= 0) & (items < 4)).all() and np.isfinite(scores).all()
+        assert 0 not in items[0] and 1 not in items[1]
+    with pytest.raises(ValueError, match=r"catalogs\['bad'\]: codes must lie in \[0, 32\)"):
+        rec.add_catalog("bad", small + 32, unseen=True)
+    with pytest.raises(ValueError, match=r"catalogs\['bad'\]: expected \(N, 2\) concept IDs"):
+        rec.add_catalog("bad", small[:, :1], unseen=True)

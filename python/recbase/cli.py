@@ -86,9 +86,21 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     from recbase.data.text import render_items
     from recbase.tokenizer import ItemTokenizer, centre_embeddings
 
-    items = datasets._read_table(args.items, "items")
+    # ids as written ("000" stays "000"), never parsed as numbers
+    csv_ids = {} if str(args.items).lower().endswith((".parquet", ".pq")) else {"dtype": {"item_id": str},
+                                                                                 "keep_default_na": False}
+    items = datasets._read_table(args.items, "items", **csv_ids)
     if "item_id" not in items.columns:
-        raise SystemExit(f"--items: {args.items} has no item_id column (got {list(items.columns)})")
+        raise ValueError(f"--items: {args.items} has no item_id column (got {list(items.columns)})")
+    ids = items["item_id"].astype(str).str.strip()
+    if items["item_id"].isna().any() or (ids == "").any():
+        raise ValueError(f"--items: {args.items} has {int(items['item_id'].isna().sum() + (ids == '').sum())} "
+                         "row(s) without an item_id")
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise ValueError(f"--items: item_id must be unique in {args.items}; {len(dup)} duplicate(s), "
+                         f"e.g. {dup.iloc[:5].tolist()}")
+    items = items.assign(item_id=ids)
     if args.embeddings:  # the user's own item vectors, row i = row i of --items
         if args.encoder or args.fields:
             raise ValueError("--embeddings replaces the text encoder: drop --encoder / --fields")
@@ -140,6 +152,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     if args.recent_pass_epochs < 0:  # refused before pretraining, not after it
         raise ValueError(f"--recent-pass-epochs must be >= 0, got {args.recent_pass_epochs}")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.max_items < 2:
+        raise ValueError(f"--max-items must be >= 2 (one history item and its next), got {args.max_items}")
+    if not 0.0 <= args.content_rotation_rate <= 1.0:
+        raise ValueError(f"--content-rotation-rate must be in [0, 1], got {args.content_rotation_rate}")
     if args.corpus:
         return _pretrain_corpus(args)
     if args.hold_out:
@@ -216,7 +234,7 @@ def _pretrain_corpus(args) -> int:
     settings.alpha = corpus.alpha
     domains = prepare_domains(corpus, device=args.device)
     tok = tokenize_domains(domains, levels=args.levels, codebook_size=args.codebook_size, seed=args.seed)
-    model = pretrain_domains(domains, tok, train_on, settings, output_dir=out / "run")
+    model = pretrain_domains(domains, tok, train_on, settings, output_dir=out / "run").model
     save_run(out, domains, tok, model, train_on, corpus_source=str(Path(args.corpus).resolve()))
     print(json.dumps({"trained_on": train_on, "held_out": list(args.hold_out),
                       "fusion_weights": getattr(model.config, "fusion_weights", {})}))
@@ -299,6 +317,8 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     from recbase.model import RecBaseForCausalLM
     from recbase.recommend import Recommender
 
+    if args.k < 1:
+        raise ValueError(f"-k must be >= 1, got {args.k}")
     tok, index = _catalog(Path(args.tokenizer))
     model = RecBaseForCausalLM.from_pretrained(args.model)
     rec = Recommender(model, tok.vocab, {"catalog": tok.codes}, device=args.device,

@@ -16,6 +16,9 @@
    Recall/NDCG/MRR@{5,10,20} over the whole catalog by constrained beam search, and the
    paper's CTR protocol (likelihood scores, AUC with up to 10 positives + 10 random negatives).
 6. Print one table; write it, the config and the logs to the output folder.
+
+Steps 1-4 are the stages of ``recbase.pipeline`` on a two-domain corpus (movies trained on, books
+held out), the same functions ``recbase pretrain --corpus`` runs.
 """
 from __future__ import annotations
 
@@ -107,13 +110,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     from recbase import datasets
     from recbase.baselines import SASRec, Popularity, TextKNN
     from recbase.data import TextEncoder
+    from recbase.data.corpus import Corpus, CorpusDomain
     from recbase.data.splits import leave_one_out
     from recbase.data.text import render_items
     from recbase.evaluate import _per_user, build_ctr_pairs, evaluate_ctr, evaluate_rankings
-    from recbase.model import RecBaseConfig, RecBaseForCausalLM
-    from recbase.recommend import Recommender, choose_fusion
-    from recbase.tokenizer import ItemTokenizer, centre_embeddings
-    from recbase.train import ItemVectors, Trainer, TrainConfig, pretraining_sequences, recent_pass
+    from recbase.pipeline import PretrainSettings, pretrain_domains, prepare_domains, tokenize_domains
+    from recbase.recommend import Recommender
+    from recbase.tokenizer import centre_embeddings
 
     if cfg.evaluate_on not in ("test", "valid"):
         raise ValueError(f"evaluate_on: expected 'test' or 'valid', got {cfg.evaluate_on!r}")
@@ -123,62 +126,42 @@ def run_demo(cfg: DemoConfig) -> dict:
     torch.manual_seed(cfg.seed)
     timer = _Timer()
 
-    # 1. data ------------------------------------------------------------------------------------
-    ml = datasets.load(cfg.movies).kcore(cfg.movie_kcore, cfg.movie_kcore)
-    bx = datasets.load(cfg.books).to_implicit(cfg.book_min_rating).kcore(cfg.book_kcore, cfg.book_kcore)
-    ml_split, bx_split = leave_one_out(ml), leave_one_out(bx)
-    timer.mark(f"data: {ml!r}; {bx!r}")
-
-    # 2. unified item text -> embeddings ---------------------------------------------------------
+    # 1-2. data, unified item text -> embeddings (centred per domain): the pipeline's stages ---------
+    corpus = Corpus([CorpusDomain("movies", dataset=cfg.movies, kcore=cfg.movie_kcore),
+                     CorpusDomain("books", dataset=cfg.books, min_rating=cfg.book_min_rating, kcore=cfg.book_kcore)],
+                    seed=cfg.seed, source="recbase demo")
     encoder = TextEncoder(device=cfg.device)
-    ml_texts = render_items(ml.items.set_index("item_id").loc[ml_split.item_index.decode(
-        np.arange(ml_split.num_items))].reset_index(), "movies")
-    bx_texts = render_items(bx.items.set_index("item_id").loc[bx_split.item_index.decode(
-        np.arange(bx_split.num_items))].reset_index(), "books")
-    ml_emb, bx_emb = encoder.encode(ml_texts), encoder.encode(bx_texts)
-    timer.mark(f"text encoder: {len(ml_texts)} movies, {len(bx_texts)} books")
+    domains = prepare_domains(corpus, encoder)
+    ml_split, bx_split = domains["movies"].split, domains["books"].split
+    ml_emb, bx_emb = domains["movies"].embeddings, domains["books"].embeddings
+    timer.mark(f"data + text encoder: movies {ml_split.num_users} users / {len(ml_emb)} items, "
+               f"books {bx_split.num_users} users / {len(bx_emb)} items")
 
-    # 3. one tokenizer over both catalogs' item text -------------------------------------------
-    ml_emb, bx_emb = centre_embeddings(ml_emb), centre_embeddings(bx_emb)
-    tok = ItemTokenizer(levels=cfg.levels, codebook_size=cfg.codebook_size, dedup=cfg.dedup, seed=cfg.seed)
-    if cfg.tokenizer_fit == "all":
-        tok.fit(np.concatenate([ml_emb, bx_emb]))
-        codes = {"movies": tok.codes[:len(ml_emb)], "books": tok.codes[len(ml_emb):]}
-    elif cfg.tokenizer_fit == "pretrain":
-        tok.fit(ml_emb)
-        codes = {"movies": tok.codes, "books": tok.for_catalog(bx_emb).codes}  # never a movie's ID
-    else:
+    # 3. one tokenizer over both catalogs' item text (text only: no book interaction is read) ------
+    if cfg.tokenizer_fit not in ("all", "pretrain"):
         raise ValueError(f"tokenizer_fit must be 'all' or 'pretrain', got {cfg.tokenizer_fit!r}")
+    tok = tokenize_domains(domains, levels=cfg.levels, codebook_size=cfg.codebook_size, dedup=cfg.dedup,
+                           seed=cfg.seed, fit_on=None if cfg.tokenizer_fit == "all" else ["movies"])
+    codes = {n: d.codes for n, d in domains.items()}
     tok.save(out / "tokenizer")
-    item_tokens = {d: tok.tokens(c) for d, c in codes.items()}
     timer.mark(f"tokenizer: {json.dumps({k: v for k, v in tok.report().items() if k != 'per_level'})}")
 
-    # 4. pretrain on movies only -----------------------------------------------------------------
+    # 4. pretrain on movies only (+ the recent pass; fusion weights on movie validation users, read
+    # normally and by content alone, as a new domain is read -- no book interaction is used) --------
     vocab = tok.vocab
-    valid_users = _sample_users(ml_split.num_users, cfg.valid_users, cfg.seed + 1)
-    train_seqs, valid_seqs = pretraining_sequences(ml_split, item_tokens["movies"], vocab.BOS,
-                                                   cfg.max_items, cfg.train_items_per_user, valid_users)
-    model_cfg = RecBaseConfig.from_preset(
-        cfg.preset, levels=tok.id_length, codebook_size=cfg.codebook_size, max_items=cfg.max_items,
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 3,
-        num_hidden_layers=cfg.num_layers, concept_vector_dim=tok.quantizer.codebooks.shape[2],
-        item_vector_dim=ml_emb.shape[1] if cfg.dense else 0, dense_loss_weight=cfg.dense_loss_weight)
-    model = RecBaseForCausalLM(model_cfg)
-    model.set_concept_vectors(tok.quantizer.codebooks)
-    train_cfg = TrainConfig(epochs=cfg.epochs, tokens_per_batch=cfg.tokens_per_batch, lr=cfg.lr,
-                            warmup_steps=50, seed=cfg.seed, device=cfg.device,
-                            time_budget_s=cfg.time_budget_s, content_rotation_rate=cfg.content_rotation_rate)
-    vectors = ItemVectors(item_tokens["movies"], ml_emb, cfg.codebook_size) if cfg.dense else None
-    state = Trainer(model, train_seqs, valid_seqs, train_cfg, output_dir=out / "pretrain",
-                    item_vectors=vectors).fit()
-    timer.mark(f"pretrain: {len(train_seqs)} sequences, history {state['history']}")
-    recent = {"history": []}
-    if cfg.recent_pass_epochs:
-        recent = recent_pass(model, ml_split, item_tokens["movies"], vocab.BOS, cfg.max_items, valid_seqs,
-                             epochs=cfg.recent_pass_epochs, lr=cfg.recent_pass_lr, seed=cfg.seed + 1,
-                             tokens_per_batch=cfg.tokens_per_batch, device=cfg.device,
-                             output_dir=out / "recent-pass", item_vectors=vectors)
-        timer.mark(f"recent pass: each user's latest {cfg.max_items} items, history {recent['history']}")
+    settings = PretrainSettings(
+        preset=cfg.preset, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, max_items=cfg.max_items,
+        train_items_per_user=cfg.train_items_per_user, epochs=cfg.epochs, tokens_per_batch=cfg.tokens_per_batch,
+        lr=cfg.lr, content_rotation_rate=cfg.content_rotation_rate, recent_pass_epochs=cfg.recent_pass_epochs,
+        recent_pass_lr=cfg.recent_pass_lr, dense=cfg.dense, dense_loss_weight=cfg.dense_loss_weight,
+        time_budget_s=cfg.time_budget_s, valid_users=cfg.valid_users,
+        fusion_beams=max(cfg.num_beams, max(cfg.ks)), seed=cfg.seed, device=cfg.device)
+    pre = pretrain_domains(domains, tok, ["movies"], settings, output_dir=out)
+    model, valid_users = pre.model, pre.valid_users["movies"]
+    state, recent = {"history": pre.history}, {"history": pre.recent_pass_history}
+    fusion = dict(getattr(model.config, "fusion_weights", {}) or {})
+    timer.mark(f"pretrain + recent pass: history {pre.history}, recent pass {pre.recent_pass_history}; "
+               f"fusion weights (movie validation users): {fusion}")
     embeddings = {"movies": ml_emb, "books": bx_emb} if cfg.dense else None
     # Book-Crossing has no timestamps (its order is a seeded permutation, recbase.datasets.load), so
     # the dense channel reads its histories as sets (chosen on shuffled movie validation histories
@@ -186,15 +169,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     rec = Recommender(model, vocab, codes, max_items=cfg.max_items, device=cfg.device, unseen_domains=["books"],
                       item_embeddings=embeddings, unordered_domains=["books"] if cfg.set_reading else [])
     modes = ("generative", "dense", "hybrid") if cfg.dense else ("generative",)
-    fusion = {}
-    if cfg.dense:
-        # fusion weights from the movie validation users only: read normally (for movies) and by
-        # content alone, as a new domain is read (for books) -- no book interaction is used
-        vh = [ml_split.valid_histories[u] for u in valid_users]
-        for reading in ("seen", "unseen"):
-            fusion[reading] = choose_fusion(rec, "movies", vh, ml_split.valid_targets[valid_users],
-                                            reading=reading, num_beams=max(cfg.num_beams, max(cfg.ks)))
-        timer.mark(f"fusion weights (movie validation users): {model.config.fusion_weights}")
     model.save_pretrained(out / "model")
     rows, user_metrics = [], {}
 

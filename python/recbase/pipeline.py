@@ -21,7 +21,7 @@ import numpy as np
 
 from recbase._atomic import atomic_file
 
-__all__ = ["DomainData", "PretrainSettings", "prepare_domains", "tokenize_domains", "pretrain_domains",
+__all__ = ["DomainData", "PretrainSettings", "Pretrained", "prepare_domains", "tokenize_domains", "pretrain_domains",
            "evaluate_domain", "save_run", "load_run"]
 
 _RUN_FORMAT = 1
@@ -57,11 +57,25 @@ class PretrainSettings:
     recent_pass_epochs: int = 1
     recent_pass_lr: float = 5e-4
     dense: bool = True
+    dense_loss_weight: float = 1.0
+    time_budget_s: float | None = None  # cap on pretraining seconds (None: the epochs run in full)
     valid_users: int = 1000  # per trained domain, seeded; their validation items drive early stopping
+    fusion_beams: int = 60  # beams of the candidate pool the fusion weights are chosen on
     alpha: float = 0.5  # corpus mixing exponent (recbase.data.corpus)
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+
+
+@dataclass
+class Pretrained:
+    """What ``pretrain_domains`` returns: the model, the loss histories, and the validation users
+    of each trained domain (their validation items drove early stopping and the fusion weights)."""
+
+    model: object
+    history: list
+    recent_pass_history: list
+    valid_users: dict
 
 
 def prepare_domains(corpus, encoder=None, device: str = "cpu") -> dict[str, DomainData]:
@@ -83,27 +97,36 @@ def prepare_domains(corpus, encoder=None, device: str = "cpu") -> dict[str, Doma
 
 
 def tokenize_domains(domains: dict[str, DomainData], levels: int = 3, codebook_size: int = 256,
-                     dedup: str = "reassign", seed: int = 0):
+                     dedup: str = "reassign", seed: int = 0, fit_on: Sequence[str] | None = None):
     """One ItemTokenizer fitted on the item text of every domain (held-out ones included: text
-    only); sets each domain's ``codes`` (unique across all domains). Returns the tokenizer."""
+    only), or of the ``fit_on`` domains with the others encoded on its codebooks
+    (``for_catalog``: never an ID in use); sets each domain's ``codes`` (unique across all
+    domains). Returns the tokenizer (its ``codes``: the fitted domains' rows, in order)."""
     from recbase.tokenizer import ItemTokenizer
 
+    names = list(domains) if fit_on is None else list(fit_on)
+    unknown = sorted(set(names) - set(domains))
+    if unknown or not names:
+        raise ValueError(f"fit_on: expected domain names among {sorted(domains)}, got {fit_on!r}")
     tok = ItemTokenizer(levels=levels, codebook_size=codebook_size, dedup=dedup, seed=seed)
-    tok.fit(np.concatenate([d.embeddings for d in domains.values()]))
+    tok.fit(np.concatenate([domains[n].embeddings for n in names]))
     start = 0
-    for d in domains.values():
-        d.codes = tok.codes[start:start + len(d.embeddings)]
-        start += len(d.embeddings)
+    for n in names:
+        domains[n].codes = tok.codes[start:start + len(domains[n].embeddings)]
+        start += len(domains[n].embeddings)
+    for n in domains:
+        if n not in names:
+            domains[n].codes = tok.for_catalog(domains[n].embeddings).codes
     return tok
 
 
 def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str], settings: PretrainSettings,
-                     output_dir: str | Path | None = None):
+                     output_dir: str | Path | None = None) -> Pretrained:
     """Pretrain one RecBase model on the sequences of the ``train_on`` domains, mixed by the
     corpus rule (``recbase.data.corpus.mix_sequences``), validation loss on up to
     ``settings.valid_users`` users per domain; with ``settings.dense`` the dense item channel, and
-    the hybrid fusion weights chosen on the trained domains' validation users (read as seen and as
-    unseen). Returns the model."""
+    the hybrid fusion weights chosen on the first trained domain's validation users (read as seen
+    and as unseen). Returns a :class:`Pretrained`."""
     from recbase.data.corpus import mix_sequences
     from recbase.model import RecBaseConfig, RecBaseForCausalLM
     from recbase.recommend import Recommender, choose_fusion
@@ -120,7 +143,7 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
     for i, name in enumerate(train_on):
         d = domains[name]
         n = d.split.num_users
-        users[name] = np.sort(np.random.default_rng([s.seed, i]).permutation(n)[:s.valid_users])
+        users[name] = _sample_users(n, s.valid_users, s.seed + 1 + i)
         t, v = pretraining_sequences(d.split, tok.tokens(d.codes), bos, s.max_items, s.train_items_per_user,
                                      users[name])
         train.append(t)
@@ -134,7 +157,7 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
     cfg = RecBaseConfig.from_preset(
         s.preset, levels=tok.id_length, codebook_size=tok.codebook_size, max_items=s.max_items, **size,
         concept_vector_dim=tok.quantizer.codebooks.shape[2] if content else 0,
-        item_vector_dim=dim if s.dense else 0)
+        item_vector_dim=dim if s.dense else 0, dense_loss_weight=s.dense_loss_weight)
     model = RecBaseForCausalLM(cfg)
     if content:
         model.set_concept_vectors(tok.quantizer.codebooks)
@@ -144,11 +167,13 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
                               np.concatenate([domains[n].embeddings for n in train_on]), tok.codebook_size)
     out = Path(output_dir) if output_dir is not None else None
     tcfg = TrainConfig(epochs=s.epochs, tokens_per_batch=s.tokens_per_batch, lr=s.lr, warmup_steps=50, seed=s.seed,
-                       device=s.device, content_rotation_rate=s.content_rotation_rate, progress=s.progress)
-    Trainer(model, mixed, valid, tcfg, output_dir=None if out is None else out / "pretrain",
-            item_vectors=vectors).fit()
+                       device=s.device, content_rotation_rate=s.content_rotation_rate, progress=s.progress,
+                       time_budget_s=s.time_budget_s)
+    state = Trainer(model, mixed, valid, tcfg, output_dir=None if out is None else out / "pretrain",
+                    item_vectors=vectors).fit()
+    recent = {"history": []}
     if s.recent_pass_epochs:
-        recent_pass(model, [domains[n].split for n in train_on], [tok.tokens(domains[n].codes) for n in train_on],
+        recent = recent_pass(model, [domains[n].split for n in train_on], [tok.tokens(domains[n].codes) for n in train_on],
                     bos, s.max_items, valid, epochs=s.recent_pass_epochs, lr=s.recent_pass_lr, seed=s.seed + 1,
                     tokens_per_batch=s.tokens_per_batch, device=s.device, progress=s.progress,
                     output_dir=None if out is None else out / "recent-pass", item_vectors=vectors)
@@ -161,8 +186,8 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
                           item_embeddings={first: d.embeddings})
         for reading in ("seen", "unseen") if content else ("seen",):
             choose_fusion(rec, first, [d.split.valid_histories[u] for u in users[first]],
-                          d.split.valid_targets[users[first]], reading=reading, num_beams=20)
-    return model
+                          d.split.valid_targets[users[first]], reading=reading, num_beams=s.fusion_beams)
+    return Pretrained(model, state["history"], recent["history"], users)
 
 
 def _sample_users(n: int, limit: int | None, seed: int) -> np.ndarray:

@@ -124,7 +124,6 @@ class Recommender:
                  max_items: int | None = None, device: str | torch.device = "cpu",
                  unseen_domains: Sequence[str] = (), item_embeddings: dict | None = None,
                  unseen_frame: str = "identity", unordered_domains: Sequence[str] = ()):
-        from recbase.trie import ConceptTrie
 
         if not catalogs:
             raise ValueError("catalogs: need at least one domain")
@@ -147,7 +146,7 @@ class Recommender:
         limit = max_items or getattr(model.config, "max_items", None)
         self.max_items = None if limit is None else limit - 1
         self.codes = {d: np.asarray(c, dtype=np.int64) for d, c in catalogs.items()}
-        self.tries = {d: ConceptTrie(c) for d, c in self.codes.items()}
+        self.tries = {d: self._trie(d, c) for d, c in self.codes.items()}
         self.embeddings, self.unit = {}, {}
         if item_embeddings and not getattr(model.config, "item_vector_dim", 0):
             raise ValueError("item_embeddings needs a model with a dense item channel (item_vector_dim > 0)")
@@ -161,6 +160,20 @@ class Recommender:
         self.frames = {}
         for d in self.unseen_domains:
             self._set_frame(d)
+
+    def _trie(self, domain: str, codes: np.ndarray):
+        """The catalog's trie over the model's K codes per level (not the largest code the catalog
+        happens to use: a catalog whose codes stop below K would otherwise not match the model)."""
+        from recbase.trie import ConceptTrie
+
+        k, levels = int(self.model.config.codebook_size), int(self.model.config.levels)
+        if codes.ndim != 2 or codes.shape[1] != levels:
+            raise ValueError(f"catalogs[{domain!r}]: expected (N, {levels}) concept IDs (the model's levels), "
+                             f"got shape {codes.shape}")
+        if codes.size and (codes.min() < 0 or codes.max() >= k):
+            raise ValueError(f"catalogs[{domain!r}]: codes must lie in [0, {k}) (the model's codebook_size), "
+                             f"got [{codes.min()}, {codes.max()}]")
+        return ConceptTrie(codes, codebook_size=k)
 
     def _set_embeddings(self, domain: str, e) -> None:
         dim = getattr(self.model.config, "item_vector_dim", 0)
@@ -190,14 +203,13 @@ class Recommender:
         """Add (or replace) one domain's catalog: its (N, L) concept IDs, whether the model never
         trained on it, its items' text embeddings (for the dense channel) and whether its
         histories have no order (read as sets by the dense channel)."""
-        from recbase.trie import ConceptTrie
 
         if unseen and not getattr(self.model.config, "concept_vector_dim", 0):
             raise ValueError("unseen needs a model with concept vectors (concept_vector_dim > 0)")
         if item_embeddings is not None and not getattr(self.model.config, "item_vector_dim", 0):
             raise ValueError("item_embeddings needs a model with a dense item channel (item_vector_dim > 0)")
         codes = np.asarray(codes, dtype=np.int64)
-        trie = ConceptTrie(codes)
+        trie = self._trie(domain, codes)
         self.codes[domain], self.tries[domain] = codes, trie
         self.embeddings.pop(domain, None), self.unit.pop(domain, None), self.frames.pop(domain, None)
         if item_embeddings is not None:
