@@ -336,3 +336,25 @@ def test_cli_refuses_settings_that_do_nothing_before_any_work(tmp_path, capsys):
                  "--history", "m1", "-k", "0"]) == 2
     assert "-k must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_cli_zeroshot_leave_one_domain_out_table_and_plot(tmp_path, capsys):
+    corpus = _corpus_files(tmp_path)
+    out = tmp_path / "lodo"
+    args = ["zeroshot", "--corpus", str(corpus), "--preset", "tiny", "--hidden-size", "32", "--layers", "1",
+            "--max-items", "6", "--epochs", "1", "--levels", "2", "--codebook-size", "16",
+            "--tokens-per-batch", "256", "--recent-pass-epochs", "0", "--output", str(out)]
+    assert main(args) == 0
+    rows = json.loads((out / "zeroshot.json").read_text())
+    assert [(r["held_out"], r["trained_on"]) for r in rows if r["model"] == "text-kNN"] == \
+        [("movies", "books"), ("books", "movies")]
+    # pretraining data of each row: the training items of the other domain (leave-one-out: all but 2 per user)
+    assert {r["held_out"]: r["pretrain_interactions"] for r in rows} == {"movies": 25 * 4, "books": 30 * 4}
+    assert (out / "zeroshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "zeroshot.md").read_text()
+    assert table.count("recbase hybrid (zero-shot)") == 2 and "| books | movies (120) |" in table
+    capsys.readouterr()
+    bad = tmp_path / "one.toml"
+    bad.write_text('[[domain]]\nname = "m"\ndataset = "ml-1m"\n')
+    assert main(["zeroshot", "--corpus", str(bad), "--output", str(tmp_path / "x")]) == 2
+    assert "at least two domains" in capsys.readouterr().err

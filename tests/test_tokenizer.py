@@ -158,3 +158,18 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "t" / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         ItemTokenizer.load(tmp_path / "t")
+
+
+def test_saved_files_take_their_permissions_from_the_umask(tmp_path):
+    import os
+    import stat
+
+    tok = ItemTokenizer(levels=2, codebook_size=32, seed=0).fit(clustered(600, 8, centers=10, seed=3), progress=False)
+    old = os.umask(0o022)
+    try:
+        tok.save(tmp_path / "tok")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "tok").stat().st_mode) == 0o755  # not mkdtemp's 0700
+    for f in (tmp_path / "tok").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f  # not mkstemp's 0600

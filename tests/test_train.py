@@ -324,3 +324,25 @@ def test_item_windows_refuse_a_window_that_cannot_advance():
     windows = item_windows(np.arange(5), 3)  # every transition exactly once, windows of <= 3 items
     pairs = [(int(a), int(b)) for w in windows for a, b in zip(w[:-1], w[1:])]
     assert sorted(pairs) == [(0, 1), (1, 2), (2, 3), (3, 4)] and max(len(w) for w in windows) <= 3
+
+
+@pytest.mark.parametrize("change, differs", [
+    ({"seed": 1}, "settings"), ({"lr": 1e-2}, "settings"), ({"train_seed": 9}, "train_data"),
+    ({"valid_seed": 8}, "valid_data"), ({"model_seed": 0, "layers": 1}, "model_config")])
+def test_resuming_another_runs_checkpoint_is_refused(tmp_path, change, differs):
+    """A run folder remembers what it was: other data, seed, lr or model config -> a clear error that
+    names what differs and how to start fresh; the same run resumes (the test above)."""
+    def trainer(seed=0, lr=3e-3, train_seed=2, valid_seed=3, layers=None, **_):
+        model = tiny_model()
+        if layers is not None:
+            torch.manual_seed(0)
+            model = RecBaseForCausalLM(RecBaseConfig.from_preset("tiny", levels=L, codebook_size=K, max_items=16,
+                                                                 num_hidden_layers=layers))
+        cfg = TrainConfig(epochs=1, tokens_per_batch=256, lr=lr, warmup_steps=3, seed=seed, progress=False)
+        return Trainer(model, synthetic_sequences(40, seed=train_seed), synthetic_sequences(8, seed=valid_seed), cfg,
+                       output_dir=tmp_path)
+    trainer().fit()
+    assert (tmp_path / "checkpoint.pt").exists()
+    trainer().fit()  # the same run: resumes (finished: no step), no error
+    with pytest.raises(ValueError, match=rf"belongs to another run \(these differ: {differs}\).*delete"):
+        trainer(**change).fit()

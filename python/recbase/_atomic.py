@@ -12,16 +12,57 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk, so a power cut keeps what was renamed."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, folder: bool) -> None:
+    """Permissions from the umask (mkstemp / mkdtemp make 0600 / 0700: another user or container
+    could not read a shared model) and the contents on disk before the rename."""
+    mask = _umask()
+    if folder:
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+                _fsync(Path(root, f))
+        os.chmod(tmp, 0o777 & ~mask)
+    else:
+        os.chmod(tmp, 0o666 & ~mask)
+    _fsync(tmp)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike):
-    """``with atomic_file(p) as tmp: write(tmp)`` -> ``p`` holds the complete new file."""
+    """``with atomic_file(p) as tmp: write(tmp)`` -> ``p`` holds the complete new file (fsynced,
+    permissions from the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        _publish(Path(tmp), folder=False)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -48,6 +89,7 @@ def atomic_dir(path: str | os.PathLike, marker: str | None = None):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        _publish(tmp, folder=True)
         old = None
         if path.exists():  # a folder cannot be replaced in one step: move the old one aside first
             for entry in path.iterdir():  # keep what this save does not write
@@ -57,6 +99,7 @@ def atomic_dir(path: str | os.PathLike, marker: str | None = None):
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -74,7 +117,9 @@ def atomic_files_into(folder: str | os.PathLike, last: tuple[str, ...] = ("confi
     tmp = Path(tempfile.mkdtemp(prefix=".incoming.", dir=folder))
     try:
         yield tmp
+        _publish(tmp, folder=True)
         for f in sorted(tmp.iterdir(), key=lambda f: (f.name in last, f.name)):
             os.replace(f, folder / f.name)
+        _fsync(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@
     recbase pretrain  --corpus C.toml [--hold-out D ...] --output RUN   several domains, one model
     recbase evaluate  --items I --interactions X --tokenizer DIR --model DIR
     recbase evaluate  --corpus C.toml --model RUN --domain D [--zero-shot]  with the baselines
+    recbase zeroshot  --corpus C.toml --output DIR   leave-one-domain-out table + plot
     recbase recommend --items I --tokenizer DIR --model DIR --history ID [ID ...]
 
 Zero-shot in a new domain: pretrain with ``--content-rotation-rate 0.5`` (the demo adds
@@ -204,7 +205,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _corpus_settings(args):
     from recbase.pipeline import PretrainSettings
 
-    return PretrainSettings(preset=args.preset, max_items=args.max_items, epochs=args.epochs, lr=args.lr,
+    return PretrainSettings(preset=args.preset, hidden_size=getattr(args, "hidden_size", None),
+                            num_layers=getattr(args, "layers", None), max_items=args.max_items, epochs=args.epochs, lr=args.lr,
                             content_rotation_rate=args.content_rotation_rate,
                             recent_pass_epochs=args.recent_pass_epochs, dense=args.dense, seed=args.seed,
                             device=args.device, **({} if args.tokens_per_batch is None
@@ -274,6 +276,50 @@ def _evaluate_corpus(args) -> int:
     print("|---|---|" + "---|" * len(cols))
     for r in rows:
         print(f"| {r['domain']} | {r['model']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+    return 0
+
+
+def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    """For each domain of the corpus: pretrain on the others, evaluate it zero-shot; one table + plot."""
+    from recbase.data.corpus import load_corpus
+    from recbase.pipeline import leave_one_domain_out, plot_zero_shot, prepare_domains, tokenize_domains
+
+    corpus = load_corpus(args.corpus)
+    if len(corpus.domains) < 2:
+        raise ValueError(f"--corpus: leave-one-domain-out needs at least two domains, {args.corpus} has "
+                         f"{corpus.names()}")
+    if args.epochs < 1 or args.max_items < 2:
+        raise ValueError(f"--epochs must be >= 1 and --max-items >= 2, got {args.epochs} and {args.max_items}")
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # checked before hours of work, not after
+        raise ValueError('the plot needs matplotlib: pip install "recbase[plot]"')
+    out = Path(args.output)
+    if out.is_dir() and any(out.iterdir()) and not (out / "zeroshot.md").is_file():
+        raise FileExistsError(f"--output: {out} is a non-empty folder that recbase did not write (no zeroshot.md); "
+                              "use a new or empty folder")
+    settings = _corpus_settings(args)
+    settings.alpha = corpus.alpha
+    domains = prepare_domains(corpus, device=args.device)
+    tok = tokenize_domains(domains, levels=args.levels, codebook_size=args.codebook_size, seed=args.seed)
+    rows = leave_one_domain_out(domains, tok, settings, max_users=args.max_users or None, output_dir=out / "runs")
+    cols = ["recall@10", "se_recall@10", "ndcg@10", "se_ndcg@10", "mrr"]
+    lines = ["| held out | pretrained on (interactions) | model | " + " | ".join(cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['held_out']} | {r['trained_on']} ({r['pretrain_interactions']:,}) | {r['model']} | "
+                     + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+    table = "\n".join(lines)
+    from recbase._atomic import atomic_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "zeroshot.json") as tmp:
+        tmp.write_text(json.dumps(rows, indent=2, default=float))
+    plot_zero_shot(rows, out / "zeroshot.png")
+    with atomic_file(out / "zeroshot.md") as tmp:
+        tmp.write_text(table + "\n")
+    print(table)
+    print(f"table, rows and plot written to {out}")
     return 0
 
 
@@ -432,6 +478,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --corpus: the domain was held out from pretraining; read it zero-shot")
     s.add_argument("--max-users", type=int, default=2000, help="with --corpus: evaluated users (seeded sample; 0 = all)")
     s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("zeroshot", help="leave-one-domain-out: for each corpus domain, pretrain on the others "
+                                        "and evaluate it zero-shot; one table and a plot")
+    s.add_argument("--corpus", required=True, help="a corpus TOML file (recbase.data.corpus)")
+    s.add_argument("--output", required=True, help="folder for zeroshot.md / .json / .png and the runs")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--preset", default="small", choices=["tiny", "small", "base", "large"])
+    s.add_argument("--max-items", type=int, default=15)
+    s.add_argument("--epochs", type=int, default=5)
+    s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--tokens-per-batch", type=int, default=2048)
+    s.add_argument("--content-rotation-rate", type=float, default=0.5)
+    s.add_argument("--recent-pass-epochs", type=int, default=1)
+    s.add_argument("--no-dense", dest="dense", action="store_false", help="concept IDs only (no dense item channel)")
+    s.add_argument("--hidden-size", type=int, default=128, help="model width (the demo's 128)")
+    s.add_argument("--layers", type=int, default=2, help="decoder layers (the demo's 2)")
+    s.add_argument("--levels", type=int, default=3)
+    s.add_argument("--codebook-size", type=int, default=256)
+    s.add_argument("--max-users", type=int, default=2000, help="evaluated users per domain (seeded; 0 = all)")
+    s.set_defaults(func=_cmd_zeroshot)
 
     s = sub.add_parser("recommend", help="top-k items for one history")
     common(s, need_model=True)

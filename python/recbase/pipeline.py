@@ -22,7 +22,7 @@ import numpy as np
 from recbase._atomic import atomic_file
 
 __all__ = ["DomainData", "PretrainSettings", "Pretrained", "prepare_domains", "tokenize_domains", "pretrain_domains",
-           "evaluate_domain", "save_run", "load_run"]
+           "evaluate_domain", "leave_one_domain_out", "save_run", "load_run"]
 
 _RUN_FORMAT = 1
 
@@ -237,6 +237,59 @@ def evaluate_domain(model, tok, domains: dict[str, DomainData], domain: str, *, 
             row[f"se_{metric}@10"] = float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else float("nan")
         rows.append(row)
     return rows
+
+
+def leave_one_domain_out(domains: dict[str, DomainData], tok, settings: PretrainSettings, *,
+                         held_out: Sequence[str] | None = None, split: str = "test",
+                         max_users: int | None = 2000, output_dir: str | Path | None = None) -> list[dict]:
+    """For each domain (or each of ``held_out``): pretrain on all the others, evaluate it zero-shot
+    next to popularity and text-kNN. Returns the rows, each with ``held_out``, ``trained_on`` and
+    ``pretrain_interactions`` (training items of the domains pretrained on)."""
+    rows = []
+    names = list(domains) if held_out is None else list(held_out)
+    if len(domains) < 2:
+        raise ValueError(f"leave_one_domain_out: needs at least two domains, got {sorted(domains)}")
+    for name in names:
+        train_on = [n for n in domains if n != name]
+        out = None if output_dir is None else Path(output_dir) / f"without-{name}"
+        model = pretrain_domains(domains, tok, train_on, settings, output_dir=out).model
+        size = int(sum(len(s_) for n in train_on for s_ in domains[n].split.train_sequences))
+        for r in evaluate_domain(model, tok, domains, name, zero_shot=True, split=split, max_users=max_users,
+                                 seed=settings.seed, device=settings.device):
+            rows.append({**r, "held_out": name, "trained_on": "+".join(train_on), "pretrain_interactions": size})
+    return rows
+
+
+def plot_zero_shot(rows: list[dict], path: str | Path, metric: str = "ndcg@10") -> None:
+    """Zero-shot quality against the pretraining data: one point per held-out domain and model
+    (recbase's hybrid or generative row, text-kNN, popularity), x = training interactions read."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, match in (("recbase (zero-shot)", "recbase"), ("text-kNN", "text-kNN"), ("popularity", "popularity")):
+        pts = {}
+        for r in rows:
+            if r["model"].startswith(match):  # the last recbase mode listed is the fused one
+                pts[r["held_out"]] = (r["pretrain_interactions"], r[metric], r.get(f"se_{metric}", 0.0))
+        if pts:
+            xs, ys, es = zip(*pts.values())
+            ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=label)
+            for name, (x, y, _) in pts.items():
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    sizes = [r["pretrain_interactions"] for r in rows]
+    if sizes and min(sizes) > 0 and max(sizes) / min(sizes) > 10:  # log only where it spans decades
+        ax.set_xscale("log")
+    ax.set_xlabel("pretraining interactions (the other domains)")
+    ax.set_ylabel(f"{metric} on the held-out domain")
+    ax.set_title("leave-one-domain-out zero-shot")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
 
 
 def save_run(path: str | Path, domains: dict[str, DomainData], tok, model, train_on: Sequence[str],

@@ -325,8 +325,32 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": float("inf"),
                       "bad_epochs": 0, "history": [], "done": False}
+        self._fingerprint = self.fingerprint()
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What this run is: hashes of the training and validation data (and item vectors), the
+        training settings that change the result, and the model's config. A checkpoint keeps it;
+        resuming a checkpoint of another run is refused (``load_checkpoint``)."""
+        import hashlib
+
+        def digest(seqs) -> str:
+            h = hashlib.sha256()
+            for x in seqs:
+                a = np.ascontiguousarray(x.cpu().numpy() if torch.is_tensor(x) else np.asarray(x), dtype=np.int64)
+                h.update(len(a).to_bytes(8, "little"))
+                h.update(a.tobytes())
+            return h.hexdigest()[:16]
+
+        settings = {k: v for k, v in asdict(self.cfg).items() if k not in ("progress", "device", "checkpoint_every")}
+        out = {"train_data": digest(self.train_seqs), "valid_data": digest(self.valid_seqs),
+               "settings": json.dumps(settings, sort_keys=True, default=str),
+               "model_config": json.dumps(_core_model(self.model).config.to_dict(), sort_keys=True, default=str)}
+        if self.item_vectors is not None:
+            out["item_vectors"] = hashlib.sha256(self.item_vectors.embeddings.numpy().tobytes()
+                                                 + self.item_vectors.keys.numpy().tobytes()).hexdigest()[:16]
+        return out
+
     @property
     def checkpoint_path(self) -> Path | None:
         return self.output_dir / "checkpoint.pt" if self.output_dir else None
@@ -373,6 +397,7 @@ class Trainer:
         _atomic_torch_save({
             "model": model, "optimizer": optimizer, "fsdp": self.fsdp,
             "state": self.state, "rng": torch.get_rng_state(), "config": asdict(self.cfg),
+            "fingerprint": self._fingerprint,
         }, self.checkpoint_path)
 
     def load_checkpoint(self) -> bool:
@@ -389,6 +414,13 @@ class Trainer:
             written_sharded = bool(ck.get("fsdp", False))
         except Exception as exc:  # a truncated or foreign file must not be half-loaded silently
             raise corrupt(exc) from exc
+        theirs = ck.get("fingerprint")
+        if theirs != self._fingerprint:
+            what = ("it has no fingerprint (written by an older recbase)" if not isinstance(theirs, dict) else
+                    "these differ: " + ", ".join(sorted(k for k in set(theirs) | set(self._fingerprint)
+                                                        if theirs.get(k) != self._fingerprint.get(k))))
+            raise ValueError(f"checkpoint {path} belongs to another run ({what}); refusing to resume it. "
+                             f"To start fresh, delete {path} (and best.pt beside it) or use another output folder.")
         if written_sharded != self.fsdp:
             # the optimizer state of a sharded run is keyed by parameter name, a plain run's by index
             raise ValueError(f"checkpoint {path} was written with fsdp={written_sharded}: resume it with "
