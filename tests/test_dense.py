@@ -286,3 +286,19 @@ def test_a_catalog_whose_codes_stop_below_k_is_searched_on_the_models_k():
         rec.add_catalog("bad", small + 32, unseen=True)
     with pytest.raises(ValueError, match=r"catalogs\['bad'\]: expected \(N, 2\) concept IDs"):
         rec.add_catalog("bad", small[:, :1], unseen=True)
+
+
+def test_a_nan_model_raises_instead_of_recommending():
+    tok, codes, emb, model, rec = _trained_recommender()
+    with torch.no_grad():
+        model.dense_query.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="dense head gave NaN"):
+        rec.recommend([[1, 2]], k=3, domain="books", mode="dense")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    for mode in ("generative", "hybrid"):
+        with pytest.raises(ValueError, match="NaN"):
+            rec.recommend([[1, 2]], k=3, domain="books", mode=mode, num_beams=5)
+        with pytest.raises(ValueError, match="NaN"):
+            rec.score([[1, 2]], [[3, 4]], domain="books", mode=mode)

@@ -404,3 +404,20 @@ def test_cuda_step_matches_cpu_and_search_runs():
                                 torch.arange(2).cuda(), num_beams=10, k=5)
     ref_items, ref_scores = beam_search(scorer, trie, 2, num_beams=10, k=5)
     assert torch.equal(items.cpu(), ref_items)
+
+
+def test_nan_log_probs_raise_naming_the_level_and_beams_are_capped_at_the_catalog(catalog):
+    codes, trie = catalog
+    K = trie.codebook_size
+    for bad_level in (0, 2):
+        def scorer(users, prefixes, lvl=bad_level):
+            lp = torch.log_softmax(torch.randn(len(users), K, generator=torch.Generator().manual_seed(0)), -1)
+            if prefixes.shape[1] == lvl:
+                lp[0, 1] = float("nan")
+            return lp
+        with pytest.raises(ValueError, match=f"log_probs at level {bad_level} hold 1 NaN"):
+            beam_search(scorer, trie, histories=2, num_beams=8, k=3)
+    # 10^9 beams on a 45-item catalog: exhaustive at 45, same answer, no giant allocation
+    items, scores = beam_search(make_scorer(K), trie, histories=2, num_beams=10**9, k=5)
+    ref, _ = beam_search(make_scorer(K), trie, histories=2, num_beams=45, k=5)
+    assert torch.equal(items, ref)

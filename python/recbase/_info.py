@@ -31,6 +31,8 @@ def info() -> dict:
         "triton": triton_version,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "openmp": bool(C.openmp),
+        # the RQ kernels' instruction set, chosen at run time from this CPU (one build for all)
+        "cpu_isa": str(C.rq_isa()),
         "threads": int(C.max_threads()),
         "torch": torch.__version__,
     }

@@ -99,6 +99,9 @@ def score_candidates(model, histories: list[torch.Tensor], candidates: Sequence[
         state, lp = model.step_generation(state, cand_codes[:, level], level)
         total += lp.gather(1, cand_codes[:, level + 1:level + 2]).squeeze(1).double()
     total = total.cpu().numpy()
+    if np.isnan(total).any():
+        raise ValueError(f"model: {int(np.isnan(total).sum())} candidate log-likelihood(s) are NaN (a diverged or "
+                         "corrupt model); refusing to score by them")
     bounds = np.cumsum([0] + [len(c) for c in candidates])
     return [total[bounds[b]:bounds[b + 1]] for b in range(len(candidates))]
 
@@ -279,6 +282,9 @@ class Recommender:
 
     def _dense_inputs(self, weights, kept, domain):
         """Padded [B, M] weights and [B, M, d] unit embeddings of each user's kept history."""
+        if not bool(torch.isfinite(weights).all()) or not np.isfinite(float(self.model.dense_temperature())):
+            raise ValueError("model: the dense head gave NaN or inf history weights or temperature (a diverged or "
+                             "corrupt model); refusing to rank by them")
         m = max(1, max((len(h) for h in kept), default=1))
         unit = self.unit[domain]
         full = torch.zeros(len(kept), m, device=self.device)

@@ -46,6 +46,10 @@ def _check_log_probs(lp: torch.Tensor, rows: int, K: int, level: int) -> torch.T
         shape = tuple(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__
         raise ValueError(f"model: expected log_probs of shape ({rows}, {K}) at level {level} "
                          f"(rows x trie.codebook_size), got {shape}")
+    bad = torch.isnan(lp) | (lp == float("inf"))  # -inf is a masked code; NaN / +inf is a broken model
+    if bool(bad.any()):
+        raise ValueError(f"model: log_probs at level {level} hold {int(bad.sum())} NaN or +inf value(s) "
+                         "(a diverged or corrupt model); refusing to rank by them")
     return lp
 
 
@@ -169,6 +173,8 @@ def beam_search(model, trie: ConceptTrie, histories=None, num_beams: int = 20, k
     if not isinstance(num_beams, int) or num_beams < k:
         raise ValueError(f"num_beams: expected an int >= k = {k}, got {num_beams!r}")
     L, K = trie.depth, trie.codebook_size
+    # more beams than items cannot find more (the search is exhaustive at num_items beams)
+    num_beams = min(num_beams, max(k, trie.num_items))
 
     if hasattr(model, "start_generation"):
         proto = model

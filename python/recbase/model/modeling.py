@@ -578,7 +578,10 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         logits = q @ k.T / math.sqrt(q.shape[1])
         allowed = (end_seq[None, :] == query_seq[:, None]) & (ends[None, :] <= query_pos[:, None])
         w = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=1)
-        return torch.nan_to_num(w, nan=0.0) * allowed, allowed
+        # rows without any item are all -inf (NaN after softmax): zero; a NaN elsewhere (a broken
+        # model) stays NaN, so the Recommender refuses it instead of ranking by garbage
+        w = torch.where(allowed.any(1, keepdim=True), w, torch.zeros_like(w))
+        return w.masked_fill(~allowed, 0.0), allowed
 
     def _dense_loss(self, h, ids, level, seq, target, vectors) -> torch.Tensor:
         """In-batch softmax of the next item's dense score against every other item of the batch
