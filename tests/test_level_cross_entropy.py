@@ -67,3 +67,31 @@ def test_bad_level_and_shapes():
         level_cross_entropy(h, torch.randn(7, 4), torch.tensor([0, 1]), torch.tensor([0, 1]), 2)
     with pytest.raises(ValueError, match="hidden"):
         level_cross_entropy(h, torch.randn(6, 5), torch.tensor([0, 1]), torch.tensor([0, 1]), 2)
+
+
+def test_direct_op_calls_and_level_logits_validate_like_the_wrappers():
+    """torch.ops.recbase.* called directly (skipping the wrappers) and level_logits refuse what the
+    wrappers refuse, instead of returning uninitialised rows or reading an unknown mask as another."""
+    import pytest
+    import recbase.ops.attention  # noqa: F401  (registers the ops)
+    from recbase.ops.attention import level_logits
+
+    h, w = torch.randn(4, 8), torch.randn(2 * 5, 8)
+    with pytest.raises(ValueError, match=r"next_level must lie in \[0, 2\)"):
+        level_logits(h, w, torch.tensor([0, 1, 2, 0]), 2)
+    with pytest.raises(ValueError, match=r"next_level must lie in \[0, 2\)"):
+        torch.ops.recbase.level_cross_entropy(h, w, torch.tensor([0, 1, 5, 0]), torch.tensor([1, 2, 3, 4]), 2, 1)
+    with pytest.raises(ValueError, match="target must be a code"):
+        torch.ops.recbase.level_cross_entropy(h, w, torch.tensor([0, 1, 1, 0]), torch.tensor([1, 2, 9, 4]), 2, 1)
+    q = torch.randn(6, 2, 4)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    item = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="mask must be one of"):
+        torch.ops.recbase.concept_attention(q, q, q, cu, item, "items", 0.5, 1)
+    with pytest.raises(ValueError, match="backend code"):
+        torch.ops.recbase.concept_attention(q, q, q, cu, item, "causal", 0.5, 7)
+    # valid direct calls still work and equal the wrappers
+    nl, tg = torch.tensor([0, 1, 1, 0]), torch.tensor([1, 2, 3, -100])
+    loss, _ = torch.ops.recbase.level_cross_entropy(h, w, nl, tg, 2, 1)
+    from recbase.ops.attention import level_cross_entropy
+    torch.testing.assert_close(loss, level_cross_entropy(h, w, nl, tg, 2, backend="reference"))

@@ -289,6 +289,14 @@ def _attention_reference_bwd(dout, q, k, v, cu, item, mask: str, scale: float, o
     return tuple(torch.cat(x) for x in zip(*parts))
 
 
+def _check_op_args(mask: str, backend: int) -> None:
+    """What a direct ``torch.ops.recbase.*`` call could get wrong that the wrappers check."""
+    if mask not in _MASKS:
+        raise ValueError(f"mask must be one of {_MASKS}, got {mask!r}")
+    if backend not in _BACKENDS.values():
+        raise ValueError(f"backend code must be one of {sorted(_BACKENDS.values())} ({_BACKENDS}), got {backend!r}")
+
+
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
@@ -298,6 +306,7 @@ def _concept_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
     item_index: torch.Tensor, mask: str, scale: float, backend: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_op_args(mask, backend)
     if _use_triton(q, backend):
         from recbase.kernels.concept_attention import concept_attention_fwd
 
@@ -317,6 +326,7 @@ def _concept_attention_bwd_op(
     lse: torch.Tensor, cu_seqlens: torch.Tensor, item_index: torch.Tensor, mask: str, scale: float,
     backend: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_op_args(mask, backend)
     if _use_triton(q, backend):
         from recbase.kernels.concept_attention import concept_attention_bwd
 
@@ -519,9 +529,37 @@ def concept_embedding(token_ids, level_ids, token_weight, level_weight, item_ids
 
 
 # --------------------------------------------------------------------------- level cross-entropy
+def _check_level_inputs(hidden, weight, next_level, target, levels) -> None:
+    """Shapes, dtypes and value ranges of the level-restricted head's inputs (``target`` may be None)."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor) or hidden.dim() != 2 \
+            or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [L*K, H] expected, got {tuple(getattr(hidden, 'shape', ()))} "
+                         f"and {tuple(getattr(weight, 'shape', ()))}")
+    if not isinstance(levels, int) or levels <= 0 or weight.shape[0] % levels:
+        raise ValueError(f"weight rows ({weight.shape[0]}) must be levels*K with levels={levels!r}")
+    k = weight.shape[0] // levels
+    n = hidden.shape[0]
+    for name, x in (("next_level", next_level), ("target", target)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int32, torch.int64) or x.shape != (n,):
+            raise ValueError(f"{name} must be an int tensor of shape ({n},), got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if n:
+        if int(next_level.min()) < 0 or int(next_level.max()) >= levels:
+            raise ValueError(f"next_level must lie in [0, {levels}), got "
+                             f"[{int(next_level.min())}, {int(next_level.max())}]")
+        if target is not None:
+            bad = (target != -100) & ((target < 0) | (target >= k))
+            if bool(bad.any()):
+                raise ValueError(f"target must be a code in [0, {k}) or -100, got {int(target[bad][0])}")
+
+
 def level_logits(hidden: torch.Tensor, weight: torch.Tensor, next_level: torch.Tensor, levels: int) -> torch.Tensor:
     """Restricted logits [N, K]: row n scored only against its next level's K codes,
-    ``hidden[n] @ weight[next_level[n]*K : (next_level[n]+1)*K].T`` (weight: [L*K, H])."""
+    ``hidden[n] @ weight[next_level[n]*K : (next_level[n]+1)*K].T`` (weight: [L*K, H]).
+    A ``next_level`` outside [0, levels) raises (its row would have no level to be scored on)."""
+    _check_level_inputs(hidden, weight, next_level, None, levels)
     k = weight.shape[0] // levels
     w3 = weight.view(levels, k, weight.shape[1])
     out = hidden.new_empty((hidden.shape[0], k))
@@ -543,6 +581,9 @@ def level_cross_entropy_reference(hidden, weight, next_level, target, levels: in
 @torch.library.custom_op("recbase::level_cross_entropy", mutates_args=())
 def _level_ce_op(hidden: torch.Tensor, weight: torch.Tensor, next_level: torch.Tensor,
                  target: torch.Tensor, levels: int, backend: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_level_inputs(hidden, weight, next_level, target, levels)  # direct torch.ops calls too
+    if backend not in _BACKENDS.values():
+        raise ValueError(f"backend code must be one of {sorted(_BACKENDS.values())}, got {backend!r}")
     if _use_triton(hidden, backend):
         from recbase.kernels.level_cross_entropy import level_cross_entropy_fwd
 
@@ -628,22 +669,6 @@ def level_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, next_level: 
     >>> level_cross_entropy(h, w, torch.tensor([0, 1, 0]), torch.tensor([4, -100, 0]), levels=2).shape
     torch.Size([3])
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [N, H] and weight [L*K, H] expected, got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
-    if levels <= 0 or weight.shape[0] % levels:
-        raise ValueError(f"weight rows ({weight.shape[0]}) must be levels*K with levels={levels}")
-    k = weight.shape[0] // levels
-    n = hidden.shape[0]
-    for name, x in (("next_level", next_level), ("target", target)):
-        if x.dtype not in (torch.int32, torch.int64) or x.shape != (n,):
-            raise ValueError(f"{name} must be an int tensor of shape ({n},), got {x.dtype} {tuple(x.shape)}")
-    if n:
-        if int(next_level.min()) < 0 or int(next_level.max()) >= levels:
-            raise ValueError(f"next_level must lie in [0, {levels}), got "
-                             f"[{int(next_level.min())}, {int(next_level.max())}]")
-        bad = (target != -100) & ((target < 0) | (target >= k))
-        if bool(bad.any()):
-            raise ValueError(f"target must be a code in [0, {k}) or -100, got {int(target[bad][0])}")
+    _check_level_inputs(hidden, weight, next_level, target, levels)
     return _level_ce_op(hidden, weight, next_level.to(torch.int64), target.to(torch.int64),
                         int(levels), _backend_code(backend))[0]
