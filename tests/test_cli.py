@@ -358,3 +358,30 @@ def test_cli_zeroshot_leave_one_domain_out_table_and_plot(tmp_path, capsys):
     bad.write_text('[[domain]]\nname = "m"\ndataset = "ml-1m"\n')
     assert main(["zeroshot", "--corpus", str(bad), "--output", str(tmp_path / "x")]) == 2
     assert "at least two domains" in capsys.readouterr().err
+
+
+def test_cli_fails_like_a_tool(tmp_path, capsys):
+    """One line naming the command and the file/option, exit 2, no traceback (unless --debug)."""
+    import pytest
+
+    _, common = user_files(tmp_path, 0)
+    (tmp_path / "tok").mkdir()
+    for argv, msg in ((["recommend", *common, "--tokenizer", str(tmp_path / "tok"), "--model", str(tmp_path / "nope"),
+                        "--history", "m1"], "no tokenizer.json"),
+                      (["evaluate", *common, "--interactions", str(tmp_path / "inter.csv"), "--tokenizer",
+                        str(tmp_path / "none"), "--model", str(tmp_path / "nope")], "tokenizer")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"recbase {argv[0]}: error: ") and len(err.strip().splitlines()) == 1, err
+        assert msg in err and "Traceback" not in err
+    # a model folder that does not exist is named (no download attempt, no hub message)
+    assert main(["tokenize", *common, "--fields", "Title=title", "--levels", "2", "--codebook-size", "8",
+                 "--output", str(tmp_path / "t")]) == 0
+    capsys.readouterr()
+    assert main(["recommend", *common, "--tokenizer", str(tmp_path / "t"), "--model", str(tmp_path / "nope"),
+                 "--history", "m1"]) == 2
+    err = capsys.readouterr().err
+    assert "--model:" in err and "not a model folder" in err and "huggingface" not in err.lower()
+    with pytest.raises(ValueError):  # --debug: the exception itself
+        main(["--debug", "recommend", *common, "--tokenizer", str(tmp_path / "t"), "--model", str(tmp_path / "nope"),
+              "--history", "m1"])

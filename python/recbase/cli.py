@@ -138,8 +138,18 @@ def _catalog(tok_dir: Path):
     tok = ItemTokenizer.load(tok_dir)
     ids_file = tok_dir / "item_ids.json"
     if not ids_file.exists():
-        raise SystemExit(f"--tokenizer: {tok_dir} has no item_ids.json (make it with `recbase tokenize`)")
+        raise ValueError(f"--tokenizer: {tok_dir} has no item_ids.json (make it with `recbase tokenize`)")
     return tok, ItemIndex(json.loads(ids_file.read_text()))
+
+
+def _load_model(path: str):
+    """A model folder written by `recbase pretrain` (never a download: a missing folder is an error)."""
+    from recbase.model import RecBaseForCausalLM
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--model: {path} is not a model folder (no config.json; write one with `recbase pretrain`)")
+    return RecBaseForCausalLM.from_pretrained(folder)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -327,7 +337,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from recbase import datasets
     from recbase.data.splits import leave_one_out
     from recbase.evaluate import evaluate_rankings
-    from recbase.model import RecBaseForCausalLM
     from recbase.recommend import Recommender
 
     if args.corpus:
@@ -340,7 +349,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     tok, index = _catalog(Path(args.tokenizer))
     data = datasets.from_files(args.items, args.interactions, domain=args.domain)
     split = leave_one_out(data, index)
-    model = RecBaseForCausalLM.from_pretrained(args.model)
+    model = _load_model(args.model)
     rec = Recommender(model, tok.vocab, {args.domain: tok.codes}, device=args.device,
                       unseen_domains=[args.domain] if args.unseen else [],
                       unordered_domains=[args.domain] if args.unordered else [],
@@ -360,13 +369,12 @@ def _dense_embeddings(args, model, tok, domain):
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
-    from recbase.model import RecBaseForCausalLM
     from recbase.recommend import Recommender
 
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
     tok, index = _catalog(Path(args.tokenizer))
-    model = RecBaseForCausalLM.from_pretrained(args.model)
+    model = _load_model(args.model)
     rec = Recommender(model, tok.vocab, {"catalog": tok.codes}, device=args.device,
                       unseen_domains=["catalog"] if args.unseen else [],
                       unordered_domains=["catalog"] if args.unordered else [],
@@ -380,6 +388,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recbase", description="Generative zero-shot recommendation.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("info", help="show version, CUDA/Triton availability and threads")
     s.set_defaults(func=_cmd_info)
@@ -509,11 +518,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every error is one line ``recbase CMD: error: ...`` on stderr and exit code 2
+    (130 on Ctrl-C); ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"recbase {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"recbase {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a tool reports, it does not dump a traceback
+        if args.debug:
+            raise
+        expected = isinstance(exc, (ValueError, FileNotFoundError, FileExistsError))
+        kind = "" if expected else f"{type(exc).__name__}: "
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) and "\n" in str(exc).strip():
+            msg = " ".join(line.strip() for line in str(exc).strip().splitlines())
+        print(f"recbase {args.command}: error: {kind}{msg}" + ("" if expected else " (--debug shows the traceback)"),
+              file=sys.stderr)
         return 2
 
 
