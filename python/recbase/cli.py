@@ -223,10 +223,32 @@ def _corpus_settings(args):
                                                    else {"tokens_per_batch": args.tokens_per_batch}))
 
 
+def _own_folder(path: str, marker: str, kind: str) -> Path:
+    """``--output`` as a folder recbase may write into: new, empty, or one it wrote (has ``marker``)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output: {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise FileExistsError(f"--output: {out} is a non-empty folder that is not {kind} (no {marker}); "
+                              "refusing to write into it. Use a new or empty folder.")
+    return out
+
+
+def _corpus_stages(args, corpus):
+    """Settings from the options, every domain loaded and embedded, one tokenizer over all of them."""
+    from recbase.pipeline import prepare_domains, tokenize_domains
+
+    settings = _corpus_settings(args)
+    settings.alpha = corpus.alpha
+    domains = prepare_domains(corpus, device=args.device)
+    return settings, domains, tokenize_domains(domains, levels=args.levels, codebook_size=args.codebook_size,
+                                               seed=args.seed)
+
+
 def _pretrain_corpus(args) -> int:
     """pretrain --corpus: every domain tokenized on one tokenizer, the others' sequences mixed."""
     from recbase.data.corpus import load_corpus
-    from recbase.pipeline import pretrain_domains, prepare_domains, save_run, tokenize_domains
+    from recbase.pipeline import pretrain_domains, save_run
 
     corpus = load_corpus(args.corpus)  # every check before any work
     for flag in ("items", "interactions", "tokenizer"):
@@ -238,14 +260,8 @@ def _pretrain_corpus(args) -> int:
     train_on = [n for n in corpus.names() if n not in args.hold_out]
     if not train_on:
         raise ValueError("--hold-out: every domain is held out; nothing is left to pretrain on")
-    out = Path(args.output)
-    if out.is_dir() and any(out.iterdir()) and not (out / "run.json").is_file():
-        raise FileExistsError(f"--output: {out} is a non-empty folder that is not a recbase run (no run.json); "
-                              "refusing to write into it. Use a new or empty folder.")
-    settings = _corpus_settings(args)
-    settings.alpha = corpus.alpha
-    domains = prepare_domains(corpus, device=args.device)
-    tok = tokenize_domains(domains, levels=args.levels, codebook_size=args.codebook_size, seed=args.seed)
+    out = _own_folder(args.output, "run.json", "a recbase run")
+    settings, domains, tok = _corpus_stages(args, corpus)
     model = pretrain_domains(domains, tok, train_on, settings, output_dir=out / "run").model
     save_run(out, domains, tok, model, train_on, corpus_source=str(Path(args.corpus).resolve()))
     print(json.dumps({"trained_on": train_on, "held_out": list(args.hold_out),
@@ -292,7 +308,7 @@ def _evaluate_corpus(args) -> int:
 def _cmd_zeroshot(args: argparse.Namespace) -> int:
     """For each domain of the corpus: pretrain on the others, evaluate it zero-shot; one table + plot."""
     from recbase.data.corpus import load_corpus
-    from recbase.pipeline import leave_one_domain_out, plot_zero_shot, prepare_domains, tokenize_domains
+    from recbase.pipeline import leave_one_domain_out, plot_zero_shot
 
     corpus = load_corpus(args.corpus)
     if len(corpus.domains) < 2:
@@ -304,14 +320,8 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("matplotlib") is None:  # checked before hours of work, not after
         raise ValueError('the plot needs matplotlib: pip install "recbase[plot]"')
-    out = Path(args.output)
-    if out.is_dir() and any(out.iterdir()) and not (out / "zeroshot.md").is_file():
-        raise FileExistsError(f"--output: {out} is a non-empty folder that recbase did not write (no zeroshot.md); "
-                              "use a new or empty folder")
-    settings = _corpus_settings(args)
-    settings.alpha = corpus.alpha
-    domains = prepare_domains(corpus, device=args.device)
-    tok = tokenize_domains(domains, levels=args.levels, codebook_size=args.codebook_size, seed=args.seed)
+    out = _own_folder(args.output, "zeroshot.md", "a `recbase zeroshot` folder")
+    settings, domains, tok = _corpus_stages(args, corpus)
     rows = leave_one_domain_out(domains, tok, settings, max_users=args.max_users or None, output_dir=out / "runs")
     cols = ["recall@10", "se_recall@10", "ndcg@10", "se_ndcg@10", "mrr"]
     lines = ["| held out | pretrained on (interactions) | model | " + " | ".join(cols) + " |",
