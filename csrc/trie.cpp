@@ -105,8 +105,12 @@ ConceptTrie ConceptTrie::from_arrays(std::vector<int64_t> offsets, std::vector<i
   if (num_nodes < 1 + L || leaf_items.empty()) fail("trie arrays: empty catalog");
   if (offsets[0] != 1 || offsets[num_nodes] != num_nodes)
     fail("offsets: expected offsets[0] == 1 and offsets[-1] == num_nodes");
+  // every offset is checked before any code is read through one (a crafted file must not make the
+  // loop below read past `codes`)
+  for (int64_t v = 0; v < num_nodes; ++v)
+    if (offsets[v + 1] < offsets[v] || offsets[v + 1] > num_nodes)
+      fail("offsets: not non-decreasing within [1, num_nodes] at node " + std::to_string(v));
   for (int64_t v = 0; v < num_nodes; ++v) {
-    if (offsets[v + 1] < offsets[v]) fail("offsets: not non-decreasing at node " + std::to_string(v));
     if (offsets[v] <= v && offsets[v + 1] > offsets[v])
       fail("offsets: children of node " + std::to_string(v) + " are not after it (not BFS order)");
     for (int64_t c = offsets[v]; c < offsets[v + 1]; ++c) {
@@ -131,6 +135,10 @@ ConceptTrie ConceptTrie::from_arrays(std::vector<int64_t> offsets, std::vector<i
     if (offsets[v + 1] == offsets[v]) fail("trie arrays: inner node without children");
   if (static_cast<int64_t>(leaf_items.size()) != num_nodes - start[L])
     fail("leaf_items: expected one item per leaf (" + std::to_string(num_nodes - start[L]) + ")");
+  if (item_space < 1) fail("meta: item_space must be >= 1");
+  for (int64_t item : leaf_items)
+    if (item < 0 || item >= item_space)
+      fail("leaf_items: item " + std::to_string(item) + " out of [0, item_space = " + std::to_string(item_space) + ")");
   ConceptTrie t;
   t.depth_ = L;
   t.codebook_size_ = K;

@@ -219,3 +219,21 @@ def test_step_when_a_strided_sample_sees_only_the_best():
             for a, b in zip(got, ref):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
             assert (got[2] % stride == 0).all()  # only the boosted codes win
+
+
+def test_crafted_arrays_are_refused_before_any_read_through_them():
+    """An offset past the arrays (which the old loader followed into `codes` before checking:
+    a heap read out of bounds) and a leaf item outside the item space are refused."""
+    rng = np.random.default_rng(6)
+    trie = ConceptTrie(random_codes(rng, 40, 3, 5), codebook_size=5)
+    for bump in (10**6, 10**12):
+        bad = trie.to_dict()
+        bad["trie.offsets"] = bad["trie.offsets"].copy()
+        bad["trie.offsets"][1] = bump  # huge, then the later offsets fall back: not monotone
+        with pytest.raises(ValueError, match=r"offsets: not non-decreasing within \[1, num_nodes\]"):
+            ConceptTrie.from_dict(bad)
+    bad = trie.to_dict()
+    bad["trie.leaf_items"] = bad["trie.leaf_items"].copy()
+    bad["trie.leaf_items"][0] = 10**9
+    with pytest.raises(ValueError, match=r"leaf_items: item 1000000000 out of \[0, item_space"):
+        ConceptTrie.from_dict(bad)
