@@ -27,10 +27,31 @@ def test_atomic_file_and_dir_keep_the_old_version_on_failure(tmp_path):
             (tmp / "x").write_text("2")
             raise Boom
     assert (d / "x").read_text() == "1"
-    with atomic_dir(d) as tmp:  # success replaces the whole folder
+    with atomic_dir(d) as tmp:  # success swaps in the new folder; what it did not write is kept
         (tmp / "y").write_text("3")
-    assert sorted(p.name for p in d.iterdir()) == ["y"]
+        (tmp / "x").write_text("4")
+    assert sorted(p.name for p in d.iterdir()) == ["x", "y"] and (d / "x").read_text() == "4"
+    (d / "notes.txt").write_text("mine")
+    with atomic_dir(d) as tmp:
+        (tmp / "y").write_text("5")
+    assert (d / "notes.txt").read_text() == "mine" and (d / "y").read_text() == "5"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "d"]  # no temporaries left
+
+
+def test_leftovers_of_a_killed_save_are_cleaned_by_the_next(tmp_path):
+    """A save killed mid-way leaves its temporaries (names only recbase makes); the next save of the
+    same path removes them, and nothing else."""
+    (tmp_path / ".d.abcd1234").mkdir()  # a killed atomic_dir
+    (tmp_path / ".d.abcd1234" / "x").write_text("half")
+    (tmp_path / ".d.old").mkdir()
+    (tmp_path / ".a.bin.k2j4h5g6.tmp").write_text("half")  # a killed atomic_file
+    (tmp_path / ".other.abcd1234").mkdir()  # another artifact's: untouched
+    (tmp_path / "user.txt").write_text("mine")
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "y").write_text("1")
+    with atomic_file(tmp_path / "a.bin") as tmp:
+        tmp.write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.abcd1234", "a.bin", "d", "user.txt"]
 
 
 def test_atomic_files_into_keeps_other_files_and_moves_config_last(tmp_path, monkeypatch):

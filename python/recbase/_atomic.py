@@ -2,14 +2,36 @@
 
 Both helpers hand out a temporary path beside the target (same filesystem, so ``os.replace`` is
 atomic), and move it into place only when the ``with`` block finished without an exception.
+Contents are fsynced and take their permissions from the umask; temporaries that a killed save
+left behind are removed by the next save of the same path.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:[a-z0-9_]{8}(?:\.tmp)?|old)$")  # what mkstemp/mkdtemp below make
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Temp files / folders of an earlier save of ``path`` that was killed (names only recbase makes)."""
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m and m["name"] == path.name:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
 
 
 def _umask() -> int:
@@ -56,6 +78,7 @@ def atomic_file(path: str | os.PathLike):
     permissions from the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -86,6 +109,7 @@ def atomic_dir(path: str | os.PathLike, marker: str | None = None):
             f"path: {path} is a non-empty folder that is not a recbase artifact of this kind (no {marker}); "
             "refusing to replace it (its files would be lost). Save into a new or empty folder.")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
