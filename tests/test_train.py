@@ -1,5 +1,6 @@
 """Pretraining: packing, learning, exact resume after a kill, 2-process DDP == 1 process."""
 import os
+import sys
 import time
 
 import numpy as np
@@ -175,7 +176,13 @@ def _ddp_worker(rank, world, init_method, out_dir, batch, rotation_rate=0.0, fsd
     assert np.isfinite(trainer.train_step(np.asarray([3])))
     if rank == 0:
         torch.save((state, grads, resumed), os.path.join(out_dir, "ddp.pt"))
+    dist.barrier()  # rank 0's results are on disk
     dist.destroy_process_group()
+    # leave without running destructors: the DDP/gloo objects' teardown at interpreter exit was
+    # seen to block (faulthandler showed the worker stuck after the function returned) on a loaded
+    # 2-core machine; everything this worker owed is written above
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 # rotation_rate=1: a content-only step, whose free concept rows get zero gradients (DDP must

@@ -392,13 +392,14 @@ class Trainer:
         if self.checkpoint_path is None:
             return
         model, optimizer = self.full_state_dict(), self._optimizer_state()  # collectives under FSDP
-        if self.rank != 0:
-            return
-        _atomic_torch_save({
-            "model": model, "optimizer": optimizer, "fsdp": self.fsdp,
-            "state": self.state, "rng": torch.get_rng_state(), "config": asdict(self.cfg),
-            "fingerprint": self._fingerprint,
-        }, self.checkpoint_path)
+        if self.rank == 0:
+            _atomic_torch_save({
+                "model": model, "optimizer": optimizer, "fsdp": self.fsdp,
+                "state": self.state, "rng": torch.get_rng_state(), "config": asdict(self.cfg),
+                "fingerprint": self._fingerprint,
+            }, self.checkpoint_path)
+        if self.world > 1:  # when it returns, every rank can read the checkpoint rank 0 wrote
+            dist.barrier()
 
     def load_checkpoint(self) -> bool:
         path = self.checkpoint_path
