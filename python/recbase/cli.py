@@ -142,6 +142,17 @@ def _catalog(tok_dir: Path):
     return tok, ItemIndex(json.loads(ids_file.read_text()))
 
 
+def _single_domain_files(args):
+    """(tokenizer, item index, dataset) from --tokenizer / --items / --interactions (without --corpus)."""
+    from recbase import datasets
+
+    for flag in ("items", "interactions", "tokenizer"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag} is required (or give --corpus)")
+    tok, index = _catalog(Path(args.tokenizer))
+    return tok, index, datasets.from_files(args.items, args.interactions, domain=args.domain)
+
+
 def _load_model(path: str):
     """A model folder written by `recbase pretrain` (never a download: a missing folder is an error)."""
     from recbase.model import RecBaseForCausalLM
@@ -155,7 +166,6 @@ def _load_model(path: str):
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from recbase import datasets
     from recbase.data.splits import leave_one_out
     from recbase.model import RecBaseConfig, RecBaseForCausalLM
     from recbase.recommend import Recommender, choose_fusion
@@ -173,11 +183,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         return _pretrain_corpus(args)
     if args.hold_out:
         raise ValueError("--hold-out needs --corpus")
-    for flag in ("items", "interactions", "tokenizer"):
-        if getattr(args, flag) is None:
-            raise ValueError(f"--{flag} is required (or give --corpus)")
-    tok, index = _catalog(Path(args.tokenizer))
-    data = datasets.from_files(args.items, args.interactions, domain=args.domain)
+    tok, index, data = _single_domain_files(args)
     split = leave_one_out(data, index)
     train, valid = pretraining_sequences(split, tok.tokens(tok.codes), tok.vocab.BOS, args.max_items)
     content = args.content_rotation_rate > 0  # concept content vectors: needed to go zero-shot
@@ -344,7 +350,6 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from recbase import datasets
     from recbase.data.splits import leave_one_out
     from recbase.evaluate import evaluate_rankings
     from recbase.recommend import Recommender
@@ -353,11 +358,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_corpus(args)
     if args.zero_shot:
         raise ValueError("--zero-shot needs --corpus (without it, say --unseen)")
-    for flag in ("items", "interactions", "tokenizer"):
-        if getattr(args, flag) is None:
-            raise ValueError(f"--{flag} is required (or give --corpus)")
-    tok, index = _catalog(Path(args.tokenizer))
-    data = datasets.from_files(args.items, args.interactions, domain=args.domain)
+    tok, index, data = _single_domain_files(args)
     split = leave_one_out(data, index)
     model = _load_model(args.model)
     rec = Recommender(model, tok.vocab, {args.domain: tok.codes}, device=args.device,
