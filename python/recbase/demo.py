@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recbase.pipeline import sample_users as _sample_users  # one sampling rule for every stage
+
 
 @dataclass
 class DemoConfig:
@@ -89,10 +91,6 @@ class DemoConfig:
     extra: dict = field(default_factory=dict)
 
 
-def _sample_users(n: int, limit: int | None, seed: int) -> np.ndarray:
-    if limit is None or n <= limit:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
 class _Timer:

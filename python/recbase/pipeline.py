@@ -22,7 +22,7 @@ import numpy as np
 from recbase._atomic import atomic_file
 
 __all__ = ["DomainData", "PretrainSettings", "Pretrained", "prepare_domains", "tokenize_domains", "pretrain_domains",
-           "evaluate_domain", "leave_one_domain_out", "save_run", "load_run"]
+           "evaluate_domain", "leave_one_domain_out", "sample_users", "save_run", "load_run"]
 
 _RUN_FORMAT = 1
 
@@ -143,7 +143,7 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
     for i, name in enumerate(train_on):
         d = domains[name]
         n = d.split.num_users
-        users[name] = _sample_users(n, s.valid_users, s.seed + 1 + i)
+        users[name] = sample_users(n, s.valid_users, s.seed + 1 + i)
         t, v = pretraining_sequences(d.split, tok.tokens(d.codes), bos, s.max_items, s.train_items_per_user,
                                      users[name])
         train.append(t)
@@ -190,7 +190,9 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
     return Pretrained(model, state["history"], recent["history"], users)
 
 
-def _sample_users(n: int, limit: int | None, seed: int) -> np.ndarray:
+def sample_users(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """A sorted, seeded sample of ``limit`` of ``n`` users (all if ``limit`` is None or >= n): the
+    validation and evaluation users of the demo and of every pipeline stage."""
     if limit is None or n <= limit:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
@@ -212,7 +214,7 @@ def evaluate_domain(model, tok, domains: dict[str, DomainData], domain: str, *, 
         raise ValueError(f"split: expected 'test' or 'valid', got {split!r}")
     d = domains[domain]
     sp = d.split
-    users = _sample_users(sp.num_users, max_users, seed)
+    users = sample_users(sp.num_users, max_users, seed)
     hist = sp.test_histories if split == "test" else sp.valid_histories
     targets = (sp.test_targets if split == "test" else sp.valid_targets)[users]
     histories = [hist[u] for u in users]
