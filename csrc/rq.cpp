@@ -3,6 +3,8 @@
 // run time from the CPU's features, so one build runs on every x86-64 CPU.
 #include "rq.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -121,15 +123,32 @@ KMeansResult kmeans(const float* x, int64_t n, int64_t d, int64_t k, int64_t nit
 // ---------------------------------------------------------------------------------------------
 namespace {
 
-void check_finite(const float* p, int64_t count, const char* name, int threads) {
+// The kernels compare squared distances ||x||^2 - 2 x.c + ||c||^2 in float32: with every |value|
+// <= B = sqrt(FLT_MAX / (4 d)) none of them can overflow, above it they become inf and every code
+// compares equal (all zeros, silently). So values are refused beyond B, with NaN and Inf.
+void check_values(const float* p, int64_t count, int64_t d, const char* name, int threads) {
   int64_t bad = 0;
-#pragma omp parallel for num_threads(threads) if(parallel_worth(16 * count)) reduction(+ : bad) schedule(static)
-  for (int64_t i = 0; i < count; ++i) bad += std::isfinite(p[i]) ? 0 : 1;
+  float peak = 0.0f;
+#pragma omp parallel for num_threads(threads) if(parallel_worth(16 * count)) reduction(+ : bad) reduction(max : peak) schedule(static)
+  for (int64_t i = 0; i < count; ++i) {
+    if (std::isfinite(p[i])) peak = std::max(peak, std::fabs(p[i]));
+    else bad += 1;
+  }
   if (bad) fail(std::string(name) + ": contains " + std::to_string(bad) + " NaN or Inf values");
+  const double limit = std::sqrt(double(std::numeric_limits<float>::max()) / (4.0 * double(d)));
+  if (double(peak) > limit)
+    fail(std::string(name) + ": expected values of magnitude <= " + std::to_string(limit) +
+         " (float32 squared distances overflow beyond it for d=" + std::to_string(d) + "), got " +
+         std::to_string(peak));
 }
+
+// libgomp exits the whole process when it cannot create the threads asked for.
+constexpr int kMaxThreads = 1024;
 
 int check_threads(int threads) {
   if (threads < 0) fail("threads: expected >= 0 (0 = all cores), got " + std::to_string(threads));
+  if (threads > kMaxThreads)
+    fail("threads: expected at most " + std::to_string(kMaxThreads) + ", got " + std::to_string(threads));
   return resolve_threads(threads);
 }
 
@@ -162,8 +181,8 @@ void bind_rq(py::module_& m) {
                shape_str(cb) + ", got x of shape " + shape_str(x));
         if (beam_size < 1) fail("beam_size: expected >= 1, got " + std::to_string(beam_size));
         const int t = check_threads(threads);
-        check_finite(x.data(), n * d, "x", t);
-        check_finite(cb.data(), s.L * s.K * s.d, "codebooks", t);
+        check_values(x.data(), n * d, d, "x", t);
+        check_values(cb.data(), s.L * s.K * s.d, s.d, "codebooks", t);
         py::array_t<int64_t> codes({n, s.L});
         {
           py::gil_scoped_release nogil;
@@ -186,6 +205,7 @@ void bind_rq(py::module_& m) {
           fail("codes: expected " + std::to_string(s.L) + " levels (columns) to match codebooks " +
                shape_str(cb) + ", got codes of shape " + shape_str(codes));
         const int t = check_threads(threads);
+        check_values(cb.data(), s.L * s.K * s.d, s.d, "codebooks", t);
         const int64_t* c = codes.data();
         for (int64_t i = 0; i < n * s.L; ++i)
           if (c[i] < 0 || c[i] >= s.K)
@@ -214,7 +234,7 @@ void bind_rq(py::module_& m) {
                " rows, got " + std::to_string(n));
         if (niter < 0) fail("niter: expected >= 0, got " + std::to_string(niter));
         const int t = check_threads(threads);
-        check_finite(x.data(), n * d, "x", t);
+        check_values(x.data(), n * d, d, "x", t);
         KMeansResult r;
         {
           py::gil_scoped_release nogil;

@@ -486,3 +486,31 @@ def test_concept_vectors_reach_embeddings_head_generation_and_checkpoints(tmp_pa
         _model().set_concept_vectors(vec)
     with pytest.raises(ValueError, match="concept_vector_dim must be"):
         RecBaseConfig.from_preset("tiny", concept_vector_dim=-1)
+
+
+def test_from_pretrained_is_strict_about_missing_unexpected_and_misshapen_tensors(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = _model(seed=3, concept_vector_dim=4)
+    model.save_pretrained(tmp_path / "ok")
+    weights = load_file(tmp_path / "ok" / "model.safetensors")
+    for name, edit in (("missing", lambda w: w.pop("lm_head.weight")),
+                       ("unexpected", lambda w: w.__setitem__("extra.weight", torch.zeros(2)))):
+        model.save_pretrained(tmp_path / name)
+        w = dict(weights)
+        edit(w)
+        save_file(w, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=f"{name} tensors"):
+            RecBaseForCausalLM.from_pretrained(tmp_path / name)
+        RecBaseForCausalLM.from_pretrained(tmp_path / name, strict=False)  # HF's lenient behaviour
+    model.save_pretrained(tmp_path / "config")
+    cfg = json.loads((tmp_path / "config" / "config.json").read_text())
+    cfg["intermediate_size"] *= 2
+    (tmp_path / "config" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="shape differs from the config.*mlp"):
+        RecBaseForCausalLM.from_pretrained(tmp_path / "config")
+    loaded, info = RecBaseForCausalLM.from_pretrained(tmp_path / "ok", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)

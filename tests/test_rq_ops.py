@@ -358,3 +358,45 @@ def test_native_entry_points_validate_before_touching_memory():
         C.kmeans(torch.from_numpy(x), 2)
     with pytest.raises(ValueError, match="codebooks: expected at least 1 codeword"):
         C.rq_decode(np.zeros((2, 2), np.int64), np.zeros((2, 0, 8), np.float32))
+
+
+def test_thread_counts_beyond_the_limit_are_refused_not_fatal():
+    # libgomp exits the process when it cannot create the threads asked for: refused up front,
+    # by the wrappers and by the native core alike.
+    from recbase.ops.rq import MAX_THREADS
+    from recbase.quantize import ResidualQuantizer
+
+    x, cb = _data(15, 20, 8, 2, 10)
+    for fn in (lambda t: rq_encode(x, cb, threads=t), lambda t: rq_decode(np.zeros((2, 2), np.int64), cb, threads=t),
+               lambda t: kmeans(x, 2, threads=t), lambda t: C.rq_encode(x, cb, 1, t),
+               lambda t: C.rq_decode(np.zeros((2, 2), np.int64), cb, t), lambda t: C.kmeans(x, 2, 1, 0, t)):
+        with pytest.raises(ValueError, match=f"threads: expected at most {MAX_THREADS}"):
+            fn(MAX_THREADS + 1)
+    with pytest.raises(ValueError, match="threads: expected at most"):
+        ResidualQuantizer(levels=2, codebook_size=4, threads=10**6)
+    np.testing.assert_array_equal(rq_encode(x, cb, threads=MAX_THREADS), rq_encode(x, cb, threads=1))
+
+
+@pytest.mark.parametrize("d", [1, 8, 300])
+def test_values_that_overflow_squared_distances_are_refused(d):
+    # beyond sqrt(FLT_MAX / (4 d)) float32 distances become inf and every code compares equal:
+    # the old core returned all-zero codes, silently. Just below the limit the codes are still the
+    # exact float64 argmin.
+    rng = np.random.default_rng(d)
+    limit = np.sqrt(np.finfo(np.float32).max / (4.0 * d))
+    cb = rng.uniform(-1, 1, (1, 6, d)).astype(np.float32) * np.float32(limit * 0.4)
+    x = cb[0, rng.integers(0, 6, 9)] + rng.uniform(-1, 1, (9, d)).astype(np.float32) * np.float32(limit * 0.01)
+    codes = rq_encode(x, cb)
+    want = ((x.astype(np.float64)[:, None] - cb[0].astype(np.float64)[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(codes[:, 0], want)
+    big = x.copy()
+    big[4, 0] = np.float32(limit * 1.5)
+    for fn, name in ((lambda: rq_encode(big, cb), "x"), (lambda: C.rq_encode(big, cb, 1, 0), "x"),
+                     (lambda: kmeans(big, 2), "x"), (lambda: rq_encode(x, cb * 4), "codebooks"),
+                     (lambda: rq_decode(np.zeros((1, 1), np.int64), cb * 4), "codebooks")):
+        with pytest.raises(ValueError, match=f"{name}: expected values of magnitude <="):
+            fn()
+    cpu_only = torch.from_numpy(big)
+    with pytest.raises(ValueError, match="x: expected values of magnitude"):
+        from recbase.ops.rq import _check_finite
+        _check_finite(cpu_only, "x")  # the rule the CUDA path applies, checked here on CPU

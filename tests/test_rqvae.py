@@ -37,3 +37,24 @@ def test_rqvae_is_seeded():
     a = CurriculumRQVAE(cfg).fit(x, progress=False).encode(x)
     b = CurriculumRQVAE(cfg).fit(x, progress=False).encode(x)
     assert torch.equal(a, b)
+
+
+def test_from_state_checks_the_config_against_the_tensors_before_allocating():
+    import pytest
+
+    cfg = RQVAEConfig(input_dim=12, levels=2, codebook_size=4, latent_dim=3, hidden_dims=[8, 5])
+    model = CurriculumRQVAE(cfg)
+    state = model.state_dict()
+    again = CurriculumRQVAE.from_state(model.config_dict(), state)
+    for k, v in state.items():
+        assert torch.equal(again.state_dict()[k], v)
+    # a crafted config asking for a billion codewords is refused from the saved shapes, not built
+    for change, msg in (({"codebook_size": 10**9}, "codebooks is"),
+                        ({"hidden_dims": [10**8]}, "does not match its config: unexpected"),
+                        ({"levels": -1}, "levels expected a non-negative int"),
+                        ({"hidden_dims": "8"}, "hidden_dims expected a list"),
+                        ({"evil": 1}, "unknown keys")):
+        with pytest.raises(ValueError, match=msg):
+            CurriculumRQVAE.from_state({**model.config_dict(), **change}, state)
+    with pytest.raises(ValueError, match="unexpected"):
+        CurriculumRQVAE.from_state(model.config_dict(), {**state, "x": torch.zeros(1)})

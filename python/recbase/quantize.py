@@ -90,7 +90,7 @@ class ResidualQuantizer:
         self.seed = _ops._check_int(seed, "seed", 0)
         self.niter = _ops._check_int(niter, "niter", 0)
         self.beam_size = _ops._check_int(beam_size, "beam_size", 1)
-        self.threads = _ops._check_int(threads, "threads", 0)
+        self.threads = _ops._check_threads(threads)
         self.progress = bool(progress)
         self.vae_config = dict(vae_config or {})
         self.max_train_points = (None if max_train_points is None

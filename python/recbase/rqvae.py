@@ -12,7 +12,7 @@ random residuals (dead-code re-initialisation). Code assignment uses the fast en
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -214,7 +214,53 @@ class CurriculumRQVAE(nn.Module):
 
     @classmethod
     def from_state(cls, config: dict, state: dict[str, torch.Tensor]) -> "CurriculumRQVAE":
-        model = cls(RQVAEConfig(**config))
+        """Rebuild a saved model. The config is checked against the saved tensors' shapes before
+        anything is allocated, so a crafted config cannot ask for more memory than the file holds."""
+        if not isinstance(config, dict):
+            raise ValueError(f"rqvae config: expected an object, got {type(config).__name__}")
+        known = {f.name for f in fields(RQVAEConfig)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"rqvae config: unknown keys {unknown}")
+        for key in ("input_dim", "levels", "codebook_size", "latent_dim", "epochs", "batch_size",
+                    "kmeans_iters", "seed"):
+            value = config.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"rqvae config: {key} expected a non-negative int, got {value!r}")
+        hidden = config.get("hidden_dims", [])
+        if not isinstance(hidden, list) or not all(
+                isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
+            raise ValueError(f"rqvae config: hidden_dims expected a list of positive ints, got {hidden!r}")
+        cfg = RQVAEConfig(**config)
+        expected = _state_shapes(cfg)
+        given = {k: tuple(v.shape) for k, v in state.items()}
+        if given != expected:
+            missing = sorted(set(expected) - set(given))
+            extra = sorted(set(given) - set(expected))
+            wrong = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
+            raise ValueError(
+                "rqvae state does not match its config: "
+                + "; ".join(part for part in (
+                    f"missing {missing}" if missing else "",
+                    f"unexpected {extra}" if extra else "",
+                    ", ".join(f"{k} is {given[k]}, config says {expected[k]}" for k in wrong[:3]),
+                ) if part)
+            )
+        model = cls(cfg)
         model.load_state_dict(state)
         return model
+
+
+def _state_shapes(cfg: RQVAEConfig) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a model of this config saves, computed without building it."""
+    dims = [cfg.input_dim, *cfg.hidden_dims, cfg.latent_dim]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, seq in (("encoder", dims), ("decoder", dims[::-1])):
+        for i in range(len(seq) - 1):  # Linear layers sit at even Sequential indices (SiLU between)
+            shapes[f"{name}.{2 * i}.weight"] = (seq[i + 1], seq[i])
+            shapes[f"{name}.{2 * i}.bias"] = (seq[i + 1],)
+    shapes["codebooks"] = (cfg.levels, cfg.codebook_size, cfg.latent_dim)
+    shapes["mean"] = (cfg.input_dim,)
+    shapes["scale"] = ()
+    return shapes
 

@@ -229,6 +229,31 @@ class RecBasePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["RecBaseDecoderLayer"]
     supports_gradient_checkpointing = False
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
+        """HuggingFace's ``from_pretrained``, strict by default: a missing, unexpected or
+        wrongly-shaped tensor (a config that does not match its weights) raises ``ValueError``
+        naming the tensors, where HuggingFace would warn and leave random weights in place.
+        ``strict=False`` gives HuggingFace's behaviour."""
+        want_info = kwargs.pop("output_loading_info", False)
+        if strict:  # let HF report shape mismatches in the loading info, raised below as one error
+            kwargs.setdefault("ignore_mismatched_sizes", True)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args,
+                                              output_loading_info=True, **kwargs)
+        if strict:
+            def names(key):
+                return sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+            problems = [f"{label} {names(key)[:5]}"
+                        for key, label in (("missing_keys", "missing tensors"),
+                                           ("unexpected_keys", "unexpected tensors"),
+                                           ("mismatched_keys", "tensors whose shape differs from the config"),
+                                           ("error_msgs", "errors"))
+                        if info.get(key)]
+            if problems:
+                raise ValueError(f"{pretrained_model_name_or_path}: the saved weights do not match "
+                                 f"config.json: {'; '.join(problems)} (strict=False loads anyway)")
+        return (model, info) if want_info else model
+
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range

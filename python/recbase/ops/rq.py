@@ -31,6 +31,8 @@ torch.Size([100, 8])
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -95,9 +97,30 @@ def _check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
+MAX_THREADS = 1024  # libgomp exits the process when it cannot create the threads asked for
+
+
+def _check_threads(value) -> int:
+    threads = _check_int(value, "threads", 0)
+    if threads > MAX_THREADS:
+        raise ValueError(f"threads: expected at most {MAX_THREADS}, got {threads}")
+    return threads
+
+
 def _check_finite(t: torch.Tensor, name: str) -> None:
+    """NaN/Inf refused, and magnitudes beyond sqrt(FLT_MAX / (4 d)), where float32 squared
+    distances overflow to inf and every code would compare equal (the C++ core's rule too)."""
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: contains NaN or Inf values")
+    if t.numel():
+        d = t.shape[-1]
+        limit = math.sqrt(float(np.finfo(np.float32).max) / (4.0 * d))
+        peak = float(t.abs().max())
+        if peak > limit:
+            raise ValueError(
+                f"{name}: expected values of magnitude <= {limit:.6g} (float32 squared distances "
+                f"overflow beyond it for d={d}), got {peak:.6g}"
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,7 +339,7 @@ def rq_encode(x, codebooks, beam_size: int = 1, threads: int = 0):
     if xt.device != cb.device:
         raise ValueError(f"codebooks: expected device {xt.device} (that of x), got {cb.device}")
     beam_size = _check_int(beam_size, "beam_size", 1)
-    threads = _check_int(threads, "threads", 0)
+    threads = _check_threads(threads)
     codes = _dispatch(_rq_encode_op, _rq_encode_impl, xt, cb, beam_size, threads)
     return codes.numpy() if was_numpy else codes
 
@@ -343,7 +366,7 @@ def rq_decode(codes, codebooks, threads: int = 0):
         )
     if ct.device != cb.device:
         raise ValueError(f"codebooks: expected device {ct.device} (that of codes), got {cb.device}")
-    threads = _check_int(threads, "threads", 0)
+    threads = _check_threads(threads)
     out = _dispatch(_rq_decode_op, _rq_decode_impl, ct.to(torch.int64).contiguous(), cb, threads)
     return out.numpy() if was_numpy else out
 
@@ -366,7 +389,7 @@ def kmeans(x, k: int, niter: int = 25, seed: int = 0, threads: int = 0):
     k = _check_int(k, "k", 1)
     niter = _check_int(niter, "niter", 0)
     seed = _check_int(seed, "seed", 0)
-    threads = _check_int(threads, "threads", 0)
+    threads = _check_threads(threads)
     if xt.shape[1] < 1:
         raise ValueError(f"x: expected dimension d >= 1, got shape {tuple(xt.shape)}")
     if xt.shape[0] < k:
