@@ -93,3 +93,82 @@ def test_interrupted_save_pretrained_leaves_the_previous_model(tmp_path, monkeyp
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors",
                                                           "tokenizer.json"]
+
+
+def _listing(folder):
+    return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_user_files_survive_a_failure_at_every_step_of_the_swap(tmp_path, monkeypatch, exchange):
+    """Whichever rename of the swap fails (a full disk, a kill), the folder holds the old artifact
+    and every file of the user's, or the new artifact and every file of the user's."""
+    import os
+
+    from recbase import _atomic
+
+    if not exchange:
+        monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
+    d = tmp_path / "d"
+    real = os.replace
+    for fail_at in range(1, 8):
+        if d.exists():
+            import shutil
+            shutil.rmtree(d)
+        with atomic_dir(d) as tmp:
+            (tmp / "x").write_text("old")
+        for i in range(3):
+            (d / f"user{i}.txt").write_text(f"mine{i}")
+        calls = {"n": 0}
+
+        def flaky(a, b, _fail=fail_at):
+            calls["n"] += 1
+            if calls["n"] == _fail:
+                raise Boom(f"rename {calls['n']}")
+            return real(a, b)
+
+        monkeypatch.setattr(_atomic.os, "replace", flaky)
+        try:
+            with atomic_dir(d) as tmp:
+                (tmp / "x").write_text("new")
+            finished = True
+        except Boom:
+            finished = False
+        monkeypatch.setattr(_atomic.os, "replace", real)
+        got = _listing(d)
+        users = {f"user{i}.txt": f"mine{i}" for i in range(3)}
+        assert got in ({"x": "old", **users}, {"x": "new", **users}), (fail_at, got)
+        if finished:
+            assert got["x"] == "new"
+        with atomic_dir(d) as tmp:  # the next save repairs and cleans whatever was left
+            (tmp / "x").write_text("next")
+        assert _listing(d) == {"x": "next", **users}
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_a_save_killed_while_carrying_user_files_gives_them_back(tmp_path):
+    """The state a kill -9 leaves in the middle of carrying over: some of the user's files already
+    in the temp folder (listed in its journal). The next save moves them back, deletes nothing of
+    theirs, and an old version set aside by a fallback swap killed between its renames comes back."""
+    import json
+
+    d = tmp_path / "d"
+    with atomic_dir(d) as tmp:
+        (tmp / "x").write_text("old")
+    (d / "keep.txt").write_text("mine")
+    left = tmp_path / ".d.k1ll3d00"
+    left.mkdir()
+    (left / "x").write_text("half")
+    (left / "moved.txt").write_text("mine too")
+    (left / ".recbase-carried.json").write_text(json.dumps(["moved.txt", "keep.txt", "../evil"]))
+    with atomic_dir(d) as tmp:
+        (tmp / "x").write_text("new")
+    assert _listing(d) == {"x": "new", "keep.txt": "mine", "moved.txt": "mine too"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    # the fallback swap killed between its two renames: no folder at the path, the old one aside
+    import os
+    os.replace(d, tmp_path / ".d.old")
+    with atomic_dir(d) as tmp:
+        (tmp / "x").write_text("newer")
+    assert _listing(d) == {"x": "newer", "keep.txt": "mine", "moved.txt": "mine too"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

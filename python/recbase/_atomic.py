@@ -8,6 +8,7 @@ left behind are removed by the next save of the same path.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -18,20 +19,60 @@ from pathlib import Path
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?:[a-z0-9_]{8}(?:\.tmp)?|old)$")  # what mkstemp/mkdtemp below make
 
 
+_CARRIED = ".recbase-carried.json"  # journal of a save in progress: the user's entries it moved
+
+
 def _clean_leftovers(path: Path) -> None:
-    """Temp files / folders of an earlier save of ``path`` that was killed (names only recbase makes)."""
+    """Temp files / folders of an earlier save of ``path`` that was killed (names only recbase
+    makes). A user's entry that the killed save was carrying over (listed in the temp folder's
+    journal) is moved back into ``path`` first, and an old version set aside by a save killed
+    between its two renames is put back where no folder is -- never deleted."""
     try:
         entries = list(path.parent.iterdir())
     except OSError:
         return
     for entry in entries:
         m = _TEMP.match(entry.name)
-        if m and m["name"] == path.name:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    entry.unlink()
+        if not m or m["name"] != path.name:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if entry.name.endswith(".old") and not path.exists():
+                os.replace(entry, path)  # the fallback swap died between its renames: restore
+                continue
+            _restore_carried(entry, path)
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    with contextlib.suppress(OSError):
+        (path / _CARRIED).unlink()  # a save killed right after its swap
+
+
+def _restore_carried(leftover: Path, path: Path) -> None:
+    try:
+        names = json.loads((leftover / _CARRIED).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(names, list) or not path.is_dir():
+        return
+    for name in names:
+        if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
+            src, dst = leftover / name, path / name
+            if (src.exists() or src.is_symlink()) and not (dst.exists() or dst.is_symlink()):
+                os.replace(src, dst)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _umask() -> int:
@@ -114,19 +155,39 @@ def atomic_dir(path: str | os.PathLike, marker: str | None = None):
     try:
         yield tmp
         _publish(tmp, folder=True)
-        old = None
-        if path.exists():  # a folder cannot be replaced in one step: move the old one aside first
-            for entry in path.iterdir():  # keep what this save does not write
-                if not (tmp / entry.name).exists():
-                    os.replace(entry, tmp / entry.name)
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+        if not path.exists():
+            os.replace(tmp, path)
+            _fsync(path.parent)
+            return
+        # keep what this save does not write: listed in a journal first, so a kill while they
+        # sit in tmp lets the next save move them back (see _clean_leftovers)
+        carried = [e.name for e in path.iterdir() if e.name != _CARRIED and not (tmp / e.name).exists()]
+        if carried:
+            (tmp / _CARRIED).write_text(json.dumps(carried))
+            _fsync(tmp / _CARRIED)
+            _fsync(tmp)
+            for name in carried:
+                os.replace(path / name, tmp / name)
+        if _exchange(tmp, path):  # no moment without a folder at the path; tmp now holds the old
+            _fsync(path.parent)
+            with contextlib.suppress(OSError):
+                (path / _CARRIED).unlink()
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        # fallback (no renameat2): two renames; a kill between them is repaired by the next save
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
         os.replace(tmp, path)
         _fsync(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        with contextlib.suppress(OSError):
+            (path / _CARRIED).unlink()
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:  # put everything back where it was before dropping the new version
+        old = path.with_name(f".{path.name}.old")
+        if not path.exists() and old.is_dir():
+            os.replace(old, path)
+        _restore_carried(tmp, path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -1,0 +1,132 @@
+"""kill -9 during every kind of save: the folder always loads, as the old or the new version.
+
+A forked child saves versions 1, 2, 3, ... of one artifact into the same path in a loop; the parent
+kills it with SIGKILL at a random moment (20 times per kind, seeded) and loads what is on disk.
+"""
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from recbase.model import RecBaseConfig, RecBaseForCausalLM
+from recbase.tokenizer import ItemTokenizer
+from recbase.train import _atomic_torch_save
+
+KILLS = 20
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+
+
+def _tiny_model(version: int) -> RecBaseForCausalLM:
+    torch.manual_seed(0)
+    model = RecBaseForCausalLM(RecBaseConfig.from_preset("tiny")).eval()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float(version))
+    return model
+
+
+def _tokenizer(version: int) -> ItemTokenizer:
+    x = np.random.default_rng(version).standard_normal((32, 8)).astype(np.float32)
+    return ItemTokenizer(levels=2, codebook_size=8, seed=version).fit(x, progress=False)
+
+
+def _save_model(path, v):
+    _tiny_model(v).save_pretrained(path)
+
+
+def _load_model(path):
+    return int(RecBaseForCausalLM.from_pretrained(path).lm_head.weight[0, 0])
+
+
+def _save_tokenizer(path, v, cache={}):
+    tok = cache.setdefault(v % 2, _tokenizer(v % 2))
+    tok.save(path)
+    (path / "version.txt").write_text(str(v))  # a file recbase did not write: must survive too
+
+
+def _load_tokenizer(path):
+    tok = ItemTokenizer.load(path)
+    assert tok.levels == 2
+    return int(tok.seed)
+
+
+def _save_checkpoint(path, v):
+    _atomic_torch_save({"model": {"w": torch.full((256, 64), float(v))}, "state": {"step": v}},
+                       path / "checkpoint.pt")
+
+
+def _load_checkpoint(path):
+    ck = torch.load(path / "checkpoint.pt", weights_only=True)
+    assert bool((ck["model"]["w"] == ck["state"]["step"]).all())
+    return ck["state"]["step"]
+
+
+def _save_adapters(path, v, cache={}):
+    from recbase.finetune import lora_model, save_lora
+
+    peft = cache.get("m")
+    if peft is None:
+        peft = cache["m"] = lora_model(_tiny_model(0), rank=2)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.fill_(float(v))
+    save_lora(peft, path)
+
+
+def _load_adapters(path):
+    from recbase.finetune import load_lora
+
+    peft = load_lora(_tiny_model(0), path)
+    vals = {float(p.flatten()[0]) for n, p in peft.named_parameters() if "lora_B" in n}
+    assert len(vals) == 1
+    return int(vals.pop())
+
+
+KINDS = {
+    "model": (_save_model, _load_model),
+    # tokenizer: not yet -- the forked child stalls in the tokenizer fit (OpenMP after fork); open
+    "checkpoint": (_save_checkpoint, _load_checkpoint),
+    "adapters": (_save_adapters, _load_adapters),
+}
+
+
+def _loop(save, path, ready):
+    torch.set_num_threads(1)
+    v = 1
+    while True:
+        save(path, v)
+        if v == 1:
+            ready.set()
+        v += 1
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_kill_9_during_saves_leaves_a_loadable_version(tmp_path, kind):
+    if kind == "adapters":
+        pytest.importorskip("peft")
+    save, load = KINDS[kind]
+    rng = random.Random(f"kill-{kind}")
+    ctx = mp.get_context("fork")
+    path = tmp_path / kind
+    if kind == "checkpoint":
+        path.mkdir()
+    save(path, 0)  # a complete version is on disk before the first kill
+    seen = set()
+    for i in range(KILLS):
+        ready = ctx.Event()
+        child = ctx.Process(target=_loop, args=(save, path, ready), daemon=True)
+        child.start()
+        assert ready.wait(60), f"{kind}: the saving child did not start"
+        time.sleep(rng.uniform(0.0, 0.05))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        got = load(path)  # raises if neither the old nor the new version is whole
+        seen.add(got)
+        if kind == "tokenizer":
+            assert (path / "version.txt").exists(), "a file recbase did not write was lost"
+    assert seen, kind
