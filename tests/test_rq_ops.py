@@ -398,5 +398,5 @@ def test_values_that_overflow_squared_distances_are_refused(d):
             fn()
     cpu_only = torch.from_numpy(big)
     with pytest.raises(ValueError, match="x: expected values of magnitude"):
-        from recbase.ops.rq import _check_finite
-        _check_finite(cpu_only, "x")  # the rule the CUDA path applies, checked here on CPU
+        from recbase.ops.rq import _check_values
+        _check_values(cpu_only, "x")  # the rule the CUDA path applies, checked here on CPU

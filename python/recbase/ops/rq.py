@@ -107,7 +107,7 @@ def _check_threads(value) -> int:
     return threads
 
 
-def _check_finite(t: torch.Tensor, name: str) -> None:
+def _check_values(t: torch.Tensor, name: str) -> None:
     """NaN/Inf refused, and magnitudes beyond sqrt(FLT_MAX / (4 d)), where float32 squared
     distances overflow to inf and every code would compare equal (the C++ core's rule too)."""
     if not bool(torch.isfinite(t).all()):
@@ -249,8 +249,8 @@ def _rq_encode_impl(x: torch.Tensor, codebooks: torch.Tensor, beam_size: int, th
     x, codebooks = x.contiguous(), codebooks.contiguous()
     if x.device.type == "cpu":
         return torch.from_numpy(_native().rq_encode(x.numpy(), codebooks.numpy(), beam_size, threads))
-    _check_finite(x, "x")
-    _check_finite(codebooks, "codebooks")
+    _check_values(x, "x")
+    _check_values(codebooks, "codebooks")
     if x.is_cuda and beam_size == 1 and _cuda_kernel_available():
         L, K, d = codebooks.shape
         N = x.shape[0]
@@ -297,7 +297,7 @@ def _kmeans_impl(x: torch.Tensor, k: int, niter: int, seed: int, threads: int) -
     if x.device.type == "cpu":
         cent, obj = _native().kmeans(x.numpy(), k, niter, seed, threads)
         return torch.from_numpy(cent), torch.from_numpy(obj)
-    _check_finite(x, "x")
+    _check_values(x, "x")
     cent, obj = kmeans_reference(x, k, niter, seed)
     return cent, obj.to(x.device)
 
