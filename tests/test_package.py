@@ -3,6 +3,7 @@ import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,17 @@ def test_public_names_and_kernels_are_importable():
     assert kernels.__name__ == "recbase.kernels"
     with pytest.raises(AttributeError):
         recbase.not_a_name
+
+
+def test_repository_root_does_not_shadow_the_pypi_kernels_package():
+    # transformers imports the PyPI package `kernels`; run from the repository root (python -m
+    # pytest, python -m recbase ...), a regular package named kernels there would be found first.
+    root = Path(__file__).resolve().parents[1]
+    code = ("import importlib.util, json; s = importlib.util.find_spec('kernels'); "
+            "print(json.dumps(None if s is None else s.origin))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    origin = json.loads(out.stdout)
+    assert origin is None or not Path(origin).resolve().is_relative_to(root), origin
+    model = subprocess.run([sys.executable, "-c", "from recbase.model import RecBaseForCausalLM"], cwd=root,
+                           capture_output=True, text=True)
+    assert model.returncode == 0, model.stderr[-2000:]
