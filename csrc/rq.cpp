@@ -144,6 +144,9 @@ void check_values(const float* p, int64_t count, int64_t d, const char* name, in
 
 // libgomp exits the whole process when it cannot create the threads asked for.
 constexpr int kMaxThreads = 1024;
+// Lloyd iterations: the objective has niter + 1 entries and every iteration is a full pass, so a
+// crafted niter (2^40) would run for days; FAISS uses 25, scikit-learn at most 300.
+constexpr int64_t kMaxKMeansIters = 10000;
 
 int check_threads(int threads) {
   if (threads < 0) fail("threads: expected >= 0 (0 = all cores), got " + std::to_string(threads));
@@ -232,7 +235,8 @@ void bind_rq(py::module_& m) {
         if (n < k)
           fail("x: fewer vectors than codewords: k-means needs at least k=" + std::to_string(k) +
                " rows, got " + std::to_string(n));
-        if (niter < 0) fail("niter: expected >= 0, got " + std::to_string(niter));
+        if (niter < 0 || niter > kMaxKMeansIters)
+          fail("niter: expected 0.." + std::to_string(kMaxKMeansIters) + ", got " + std::to_string(niter));
         const int t = check_threads(threads);
         check_values(x.data(), n * d, d, "x", t);
         KMeansResult r;

@@ -28,7 +28,8 @@ uint64_t fnv1a(uint64_t h, const std::vector<int64_t>& v) {
 ConceptTrie ConceptTrie::build(const int64_t* codes, int64_t n, int64_t L, int64_t K) {
   if (n <= 0) fail("codes: empty catalog (expected at least one item row)");
   if (L <= 0) fail("codes: expected at least one level (shape (N, L) with L >= 1)");
-  if (K <= 0) fail("codebook_size: expected >= 1, got " + std::to_string(K));
+  if (K <= 0 || K > kMaxCodebookSize)
+    fail("codebook_size: expected 1.." + std::to_string(kMaxCodebookSize) + ", got " + std::to_string(K));
   for (int64_t i = 0; i < n * L; ++i) {
     if (codes[i] < 0 || codes[i] >= K)
       fail("codes: value " + std::to_string(codes[i]) + " at item " + std::to_string(i / L) +
@@ -99,6 +100,8 @@ ConceptTrie ConceptTrie::from_arrays(std::vector<int64_t> offsets, std::vector<i
                                      int64_t item_space) {
   const int64_t num_nodes = static_cast<int64_t>(codes.size());
   if (L <= 0 || K <= 0) fail("meta: depth and codebook_size must be >= 1");
+  if (K > kMaxCodebookSize)
+    fail("meta: codebook_size must be at most " + std::to_string(kMaxCodebookSize) + ", got " + std::to_string(K));
   if (static_cast<int64_t>(offsets.size()) != num_nodes + 1)
     fail("offsets: expected length num_nodes + 1 = " + std::to_string(num_nodes + 1) +
          ", got " + std::to_string(offsets.size()));
@@ -158,15 +161,17 @@ void ConceptTrie::finalize() {
   level_start_[depth_ + 1] = num_nodes;
   root_table_.assign(codebook_size_, -1);
   for (int64_t c = offsets_[0]; c < offsets_[1]; ++c) root_table_[codes_[c]] = c;
-  item_leaf_.assign(item_space_, -1);
-  for (size_t j = 0; j < leaf_items_.size(); ++j) {
-    int64_t item = leaf_items_[j];
+  for (int64_t item : leaf_items_)
     if (item < 0 || item >= item_space_)
       fail("leaf_items: item " + std::to_string(item) + " outside [0, item_space=" +
            std::to_string(item_space_) + ")");
-    if (item_leaf_[item] != -1) fail("leaf_items: item " + std::to_string(item) + " repeated");
-    item_leaf_[item] = level_start_[depth_] + static_cast<int64_t>(j);
-  }
+  item_order_.resize(leaf_items_.size());
+  std::iota(item_order_.begin(), item_order_.end(), int64_t(0));
+  std::sort(item_order_.begin(), item_order_.end(),
+            [&](int64_t a, int64_t b) { return leaf_items_[a] < leaf_items_[b]; });
+  for (size_t r = 1; r < item_order_.size(); ++r)
+    if (leaf_items_[item_order_[r]] == leaf_items_[item_order_[r - 1]])
+      fail("leaf_items: item " + std::to_string(leaf_items_[item_order_[r]]) + " repeated");
   uint64_t h = 1469598103934665603ull;
   h = fnv1a(h, {depth_, codebook_size_, item_space_});
   h = fnv1a(h, offsets_);
@@ -178,7 +183,7 @@ void ConceptTrie::finalize() {
 int64_t ConceptTrie::memory_bytes() const {
   return static_cast<int64_t>(sizeof(int64_t) *
                               (offsets_.size() + codes_.size() + leaf_items_.size() +
-                               root_table_.size() + level_start_.size() + item_leaf_.size()));
+                               root_table_.size() + level_start_.size() + item_order_.size()));
 }
 
 int64_t ConceptTrie::node_depth(int64_t node) const {
@@ -224,12 +229,16 @@ ConceptTrie ConceptTrie::subset(const int64_t* items, int64_t m) const {
   if (m <= 0) fail("item_indices: empty subset (expected at least one item)");
   const int64_t num_nodes = this->num_nodes();
   std::vector<uint8_t> keep(num_nodes, 0);
+  const int64_t leaf0 = level_start_[depth_];
   for (int64_t i = 0; i < m; ++i) {
-    int64_t item = items[i];
-    if (item < 0 || item >= item_space_ || item_leaf_[item] < 0)
+    const int64_t item = items[i];
+    auto it = std::lower_bound(item_order_.begin(), item_order_.end(), item,
+                               [&](int64_t j, int64_t value) { return leaf_items_[j] < value; });
+    if (it == item_order_.end() || leaf_items_[*it] != item)
       fail("item_indices: item " + std::to_string(item) + " is not in this trie");
-    if (keep[item_leaf_[item]]) fail("item_indices: item " + std::to_string(item) + " repeated");
-    keep[item_leaf_[item]] = 1;
+    const int64_t leaf = leaf0 + *it;
+    if (keep[leaf]) fail("item_indices: item " + std::to_string(item) + " repeated");
+    keep[leaf] = 1;
   }
   // Mark ancestors bottom-up: a node is kept when any child is kept.
   for (int64_t v = level_start_[depth_] - 1; v >= 0; --v)
@@ -246,7 +255,6 @@ ConceptTrie ConceptTrie::subset(const int64_t* items, int64_t m) const {
   t.codes_.resize(next);
   t.offsets_.resize(next + 1);
   t.offsets_[0] = 1;
-  const int64_t leaf0 = level_start_[depth_];
   for (int64_t v = 0; v < num_nodes; ++v) {
     if (!keep[v]) continue;
     int64_t id = new_id[v], kept_children = 0;

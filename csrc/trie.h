@@ -13,6 +13,10 @@
 
 namespace recbase {
 
+// Largest codebook a trie accepts: the root's code table has K entries, so K is bounded before it
+// is allocated (real codebooks have 256-8192 codewords per level).
+constexpr int64_t kMaxCodebookSize = int64_t(1) << 24;
+
 class ConceptTrie {
  public:
   // codes: row-major (num_rows, depth) int64; item indices are 0..num_rows-1.
@@ -48,7 +52,7 @@ class ConceptTrie {
   const std::vector<int64_t>& level_start() const { return level_start_; }
 
  private:
-  void finalize();  // derives root_table_, level_start_, item_leaf_, fingerprint_
+  void finalize();  // derives root_table_, level_start_, item_order_, fingerprint_
 
   int64_t depth_ = 0, codebook_size_ = 0, item_space_ = 0;
   std::vector<int64_t> offsets_;      // [num_nodes + 1]
@@ -56,7 +60,9 @@ class ConceptTrie {
   std::vector<int64_t> leaf_items_;   // [num_items], item of leaf level_start_[depth] + j
   std::vector<int64_t> root_table_;   // [K], root's child by code, or -1
   std::vector<int64_t> level_start_;  // [depth + 2], first node id of each depth (+ end)
-  std::vector<int64_t> item_leaf_;    // [item_space], leaf node of item, or -1
+  // [num_items] leaf indices j sorted by leaf_items_[j]: item -> leaf by binary search, in memory
+  // of the catalog's size (a table over item_space would let a crafted item_space allocate TBs)
+  std::vector<int64_t> item_order_;
   uint64_t fingerprint_ = 0;
 };
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recbase._native import C
+from recbase.ops.rq import MAX_KMEANS_ITERS
 from recbase.ops import (kmeans, kmeans_reference, rq_decode, rq_decode_reference, rq_encode,
                          rq_encode_reference)
 
@@ -400,3 +401,12 @@ def test_values_that_overflow_squared_distances_are_refused(d):
     with pytest.raises(ValueError, match="x: expected values of magnitude"):
         from recbase.ops.rq import _check_values
         _check_values(cpu_only, "x")  # the rule the CUDA path applies, checked here on CPU
+
+
+def test_kmeans_iterations_are_bounded():
+    """niter sizes the objective array and the run time: 2**40 was a process that never ends."""
+    x = torch.randn(20, 3)
+    for call in (lambda: kmeans(x, 2, niter=2**40), lambda: C.kmeans(x.numpy(), 2, 2**40, 0, 0)):
+        with pytest.raises(ValueError, match="niter: expected"):
+            call()
+    assert kmeans(x, 2, niter=MAX_KMEANS_ITERS // 1000)[1].shape == (MAX_KMEANS_ITERS // 1000 + 1,)

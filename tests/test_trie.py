@@ -237,3 +237,27 @@ def test_crafted_arrays_are_refused_before_any_read_through_them():
     bad["trie.leaf_items"][0] = 10**9
     with pytest.raises(ValueError, match=r"leaf_items: item 1000000000 out of \[0, item_space"):
         ConceptTrie.from_dict(bad)
+
+
+def test_sizes_from_a_file_never_size_an_allocation():
+    """A crafted item_space (2**40) or codebook_size used to size a table of that many entries
+    (terabytes); now the item table is the catalog's size and the codebook is bounded."""
+    rng = np.random.default_rng(8)
+    codes = random_codes(rng, 30, 3, 4)
+    trie = ConceptTrie(codes, codebook_size=4)
+    d = trie.to_dict()
+    d["trie.meta"] = d["trie.meta"].copy()
+    d["trie.meta"][2] = 2**40  # item_space: items may lie anywhere in [0, 2**40)
+    big = ConceptTrie.from_dict(d)
+    assert big.item_space == 2**40 and big.memory_bytes < trie.memory_bytes + 1024
+    # subset by item index still finds every item (binary search over the sorted items)
+    keep = rng.choice(30, size=7, replace=False)
+    sub = big.subset(keep)
+    np.testing.assert_array_equal(np.sort(sub.lookup(codes[keep])), np.sort(keep))
+    with pytest.raises(ValueError, match="is not in this trie"):
+        big.subset([2**40 - 1])
+    d["trie.meta"][1] = 2**40  # codebook_size: the root's code table would have 2**40 entries
+    with pytest.raises(ValueError, match="codebook_size must be at most"):
+        ConceptTrie.from_dict(d)
+    with pytest.raises(ValueError, match="codebook_size: expected 1.."):
+        ConceptTrie(codes, codebook_size=2**40)

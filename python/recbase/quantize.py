@@ -88,7 +88,7 @@ class ResidualQuantizer:
             raise ValueError(f"method: expected 'kmeans' or 'vae', got {method!r}")
         self.method = method
         self.seed = _ops._check_int(seed, "seed", 0)
-        self.niter = _ops._check_int(niter, "niter", 0)
+        self.niter = _ops._check_int(niter, "niter", 0, _ops.MAX_KMEANS_ITERS)
         self.beam_size = _ops._check_int(beam_size, "beam_size", 1)
         self.threads = _ops._check_threads(threads)
         self.progress = bool(progress)

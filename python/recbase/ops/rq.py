@@ -89,12 +89,17 @@ def _check_codebooks(codebooks: torch.Tensor) -> None:
         )
 
 
-def _check_int(value, name: str, minimum: int) -> int:
+def _check_int(value, name: str, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name}: expected >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}: expected at most {maximum}, got {value}")
     return int(value)
+
+
+MAX_KMEANS_ITERS = 10000  # as csrc/rq.cpp: each iteration is a full pass; 2**40 would run for days
 
 
 MAX_THREADS = 1024  # libgomp exits the process when it cannot create the threads asked for
@@ -387,7 +392,7 @@ def kmeans(x, k: int, niter: int = 25, seed: int = 0, threads: int = 0):
     xt, was_numpy = _as_tensor(x, "x")
     xt = _float_matrix(xt, "x", 2)
     k = _check_int(k, "k", 1)
-    niter = _check_int(niter, "niter", 0)
+    niter = _check_int(niter, "niter", 0, MAX_KMEANS_ITERS)
     seed = _check_int(seed, "seed", 0)
     threads = _check_threads(threads)
     if xt.shape[1] < 1:
