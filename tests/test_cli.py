@@ -75,6 +75,28 @@ def test_cli_round_trip_on_user_files(tmp_path, capsys):
     assert main(["recommend", *common, "--tokenizer", str(tok), "--model", str(model),
                  "--history", "nope"]) == 2
 
+    # the model is tied to its tokenizer: a re-fitted tokenizer of the same shape, or the same one
+    # with its item ids permuted or cut, is refused before any recommendation (exit 2, named)
+    import shutil
+
+    refit, permuted, cut = tmp_path / "refit", tmp_path / "permuted", tmp_path / "cut"
+    assert main(["tokenize", *common, "--fields", "Title=title,Genres=genres", "--levels", "2",
+                 "--codebook-size", "8", "--seed", "5", "--output", str(refit)]) == 0
+    ids = json.loads((tok / "item_ids.json").read_text())
+    for folder, new_ids in ((permuted, ids[1:2] + ids[:1] + ids[2:]), (cut, ids[:-1])):
+        shutil.copytree(tok, folder)
+        (folder / "item_ids.json").write_text(json.dumps(new_ids))
+    capsys.readouterr()
+    for folder, msg in ((refit, "codebooks and catalog differ"), (permuted, "catalog differ"),
+                        (cut, "must list one item id per concept ID")):
+        assert main(["recommend", *common, "--tokenizer", str(folder), "--model", str(model),
+                     "--history", "m3", "-k", "5"]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+    assert main(["evaluate", *common, "--interactions", str(tmp_path / "inter.csv"),
+                 "--tokenizer", str(refit), "--model", str(model)]) == 2
+    assert "is not the tokenizer" in capsys.readouterr().err
+
 
 def test_cli_zero_shot_in_a_new_domain(tmp_path, capsys):
     """pretrain with content -> tokenize a new catalog on the same codebooks -> read it unseen."""
@@ -120,6 +142,15 @@ def test_cli_zero_shot_in_a_new_domain(tmp_path, capsys):
     assert main(["recommend", *on_books, "--history", "b3", "b4", "-k", "5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5 and all(line.split()[-1] in set(books["item_id"]) for line in lines)
+
+    # --unseen reads another catalog on the same codebooks; one on other codebooks is refused
+    other = tmp_path / "other"
+    assert main(["tokenize", *b_args, "--fields", "Title=title,Author=author", "--levels", "2",
+                 "--codebook-size", "8", "--output", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["recommend", *b_args, "--tokenizer", str(other), "--model", str(model), "--unseen",
+                 "--history", "b3"]) == 2
+    assert "its codebooks differ" in capsys.readouterr().err
 
     # a model pretrained without content cannot read an unseen domain: a clear error, exit 2
     assert main([*pre, "--output", str(plain)]) == 0
@@ -286,14 +317,19 @@ def test_cli_corpus_pretrain_and_zero_shot_evaluate(tmp_path, capsys):
     tok = ItemTokenizer.load(run / "tokenizer")
     assert len({tuple(c) for c in tok.codes}) == 70  # one tokenizer, IDs unique across both domains
     capsys.readouterr()
-    assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "books", "--zero-shot"]) == 0
+    assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "books", "--zero-shot",
+                 "--text-sasrec-epochs", "1"]) == 0
     table = capsys.readouterr().out
-    models = [line.split("|")[2].strip() for line in table.splitlines()[2:]]
-    assert models == ["popularity", "text-kNN", "recbase generative (zero-shot)", "recbase dense (zero-shot)",
-                      "recbase hybrid (zero-shot)"]
-    for line in table.splitlines()[2:]:
-        recall, se, ndcg = (float(x) for x in line.split("|")[3:6])
-        assert 0.0 <= ndcg <= recall <= 1.0 and se >= 0.0
+    lines = [line for line in table.splitlines() if line.startswith("| books |")]
+    models = [line.split("|")[2].strip() for line in lines]
+    assert models == ["popularity", "text-kNN", "TextSASRec (zero-shot)", "recbase generative (zero-shot)",
+                      "recbase dense (zero-shot)", "recbase hybrid (zero-shot)"]
+    for line in lines:
+        recall, se, ndcg, _, _, auc = (float(x) for x in line.split("|")[3:9])
+        assert 0.0 <= ndcg <= recall <= 1.0 and se >= 0.0 and 0.0 <= auc <= 1.0
+    assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "books", "--zero-shot",
+                 "--text-sasrec-epochs", "-1"]) == 2
+    assert "--text-sasrec-epochs must be >= 0, got -1" in capsys.readouterr().err
     # a domain the model trained on is not zero-shot; an unknown domain is named
     assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "movies", "--zero-shot"]) == 2
     assert "trained on 'movies'" in capsys.readouterr().err
@@ -353,6 +389,12 @@ def test_cli_zeroshot_leave_one_domain_out_table_and_plot(tmp_path, capsys):
     assert (out / "zeroshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "zeroshot.md").read_text()
     assert table.count("recbase hybrid (zero-shot)") == 2 and "| books | movies (120) |" in table
+    # the text-sequence peer trained on the same other domain, and every row's AUC (CTR protocol)
+    assert [r["held_out"] for r in rows if r["model"] == "TextSASRec (zero-shot)"] == ["movies", "books"]
+    assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
+    for flag, value in (("--text-sasrec-epochs", "-1"), ("--shuffle-rate", "1.5")):
+        assert main([*args[:-2], flag, value, "--output", str(tmp_path / "y")]) == 2
+        assert f"{flag} must be" in capsys.readouterr().err and not (tmp_path / "y").exists()
     capsys.readouterr()
     bad = tmp_path / "one.toml"
     bad.write_text('[[domain]]\nname = "m"\ndataset = "ml-1m"\n')

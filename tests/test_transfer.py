@@ -96,6 +96,45 @@ def test_step_rotations_are_seeded_orthogonal_and_at_the_rate():
         Trainer(plain, seqs, [], TrainConfig(content_rotation_rate=0.5))
 
 
+def test_shuffled_windows_permute_whole_items_seeded_at_the_rate():
+    seqs = synthetic_sequences(40, seed=5)
+    cfg = TrainConfig(epochs=1, seed=2, progress=False, shuffle_rate=0.4)
+    trainer = Trainer(content_model(), seqs, [], cfg)
+    shuffled, total = 0, 0
+    for step in range(30):
+        for i, seq in enumerate(seqs):
+            got = trainer.shuffled_example(i, step).numpy()
+            seq = np.asarray(seq)
+            assert got[0] == seq[0] and len(got) == len(seq)
+            items, orig = got[1:].reshape(-1, L), seq[1:].reshape(-1, L)
+            # the same items (as whole L-token blocks, BOS first), in some order
+            assert sorted(map(tuple, items)) == sorted(map(tuple, orig))
+            total += 1
+            shuffled += not np.array_equal(got, seq)
+            again = Trainer(content_model(), seqs, [], cfg).shuffled_example(i, step) if step < 2 else None
+            assert again is None or np.array_equal(again.numpy(), got)
+    # a drawn permutation can be the identity (a 4-item window: 1 in 24), so a little under 0.4
+    assert 0.3 < shuffled / total < 0.42, shuffled / total
+    off = Trainer(content_model(), seqs, [], TrainConfig(progress=False))
+    assert all(off.shuffled_example(i, 0) is off.train_seqs[i] for i in range(len(seqs)))
+    with pytest.raises(ValueError, match="shuffle_rate must be in"):
+        Trainer(content_model(), seqs, [], TrainConfig(shuffle_rate=-0.1))
+
+
+def test_a_shuffled_training_step_is_a_plain_step_on_the_shuffled_sequences():
+    seqs = synthetic_sequences(12, seed=6)
+    batch = np.arange(len(seqs))
+    common = dict(epochs=1, tokens_per_batch=10_000, lr=1e-2, warmup_steps=1, seed=3, progress=False)
+    shuffling = Trainer(content_model(seed=1), seqs, [], TrainConfig(shuffle_rate=1.0, **common))
+    order = [shuffling.shuffled_example(i, 0).numpy() for i in batch]
+    loss_a = shuffling.train_step(batch)
+    plain = Trainer(content_model(seed=1), order, [], TrainConfig(**common))
+    loss_b = plain.train_step(batch)
+    assert abs(loss_a - loss_b) < 1e-6
+    for (name, a), b in zip(shuffling.model.named_parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_a_rotated_training_step_is_a_plain_step_read_under_that_rotation():
     seqs = synthetic_sequences(16, seed=2)
     batch = np.arange(len(seqs))

@@ -6,7 +6,8 @@
 Movie validation users (source domain) as given and shuffled, and the held-out IBM articles
 catalog (tokenized on the demo codebooks, read by content alone) as given and shuffled: model
 weights vs the set reading ("perm": weights averaged over 8 orderings) vs uniform weights vs
-text-kNN, at several kernel temperatures. Writes set_reading.json beside the model folder.
+text-kNN, at several kernel temperatures (``--quick``: the learned one only). Writes
+set_reading.json beside the model folder.
 """
 import sys, json, numpy as np, torch
 from pathlib import Path
@@ -84,7 +85,7 @@ def evaluate(domain, hists, targets, variant, P=8, unseen=True, last=20, taus=(0
 def sample(n, limit, seed):
     return np.arange(n) if n <= limit else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 res = {}
-TAUS = (tau, 0.2, 0.3, 0.5, 1.0, 3.0)
+TAUS = (tau,) if "--quick" in sys.argv[2:] else (tau, 0.2, 0.3, 0.5, 1.0, 3.0)
 for domain, sp, emb, users, unseen in (("movies", ml, ml_e, sample(ml.num_users, 1000, 1), True),
                                        ("articles", ar, ar_e, np.arange(ar.num_users), True)):
     tgt = sp.valid_targets[users]

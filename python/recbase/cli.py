@@ -139,7 +139,41 @@ def _catalog(tok_dir: Path):
     ids_file = tok_dir / "item_ids.json"
     if not ids_file.exists():
         raise ValueError(f"--tokenizer: {tok_dir} has no item_ids.json (make it with `recbase tokenize`)")
-    return tok, ItemIndex(json.loads(ids_file.read_text()))
+    ids = json.loads(ids_file.read_text())
+    if not isinstance(ids, list) or len(ids) != len(tok.codes):
+        raise ValueError(f"--tokenizer: {ids_file} must list one item id per concept ID ({len(tok.codes)}), "
+                         f"got {len(ids) if isinstance(ids, list) else type(ids).__name__}")
+    return tok, ItemIndex(ids)
+
+
+def _tokenizer_fingerprint(tok, index) -> dict:
+    """sha256 digests of what a model is tied to: the codebooks (the vocabulary's content) and the
+    catalog (every item's concept ID, in order, with its item id)."""
+    import hashlib
+
+    import numpy as np
+
+    books = hashlib.sha256(np.ascontiguousarray(tok.quantizer.codebooks, dtype=np.float32).tobytes()).hexdigest()
+    cat = hashlib.sha256(np.ascontiguousarray(tok.codes, dtype=np.int64).tobytes())
+    cat.update(json.dumps([str(x) for x in index.decode(np.arange(len(tok.codes)))]).encode())
+    return {"codebooks": books, "catalog": cat.hexdigest()}
+
+
+def _check_pairing(model, tok, index, args) -> None:
+    """--model and --tokenizer must belong together: a model pretrained by `recbase pretrain` knows
+    its tokenizer's digests. In-domain both must match (another catalog or item order would give
+    wrong ids silently); with --unseen (another catalog on the same codebooks) the codebooks must."""
+    saved = getattr(model.config, "tokenizer_fingerprint", None)
+    if not isinstance(saved, dict):
+        return  # a model built outside `recbase pretrain`: nothing recorded to compare with
+    mine = _tokenizer_fingerprint(tok, index)
+    keys = ("codebooks",) if getattr(args, "unseen", False) else ("codebooks", "catalog")
+    wrong = [k for k in keys if saved.get(k) != mine[k]]
+    if wrong:
+        raise ValueError(f"--tokenizer: {args.tokenizer} is not the tokenizer {args.model} was pretrained with "
+                         f"(its {' and '.join(wrong)} differ); use that tokenizer folder"
+                         + ("" if getattr(args, "unseen", False) else
+                            ", or --unseen for another catalog tokenized on its codebooks (tokenize --codebooks)"))
 
 
 def _single_domain_files(args):
@@ -179,6 +213,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-items must be >= 2 (one history item and its next), got {args.max_items}")
     if not 0.0 <= args.content_rotation_rate <= 1.0:
         raise ValueError(f"--content-rotation-rate must be in [0, 1], got {args.content_rotation_rate}")
+    if not 0.0 <= args.shuffle_rate <= 1.0:
+        raise ValueError(f"--shuffle-rate must be in [0, 1], got {args.shuffle_rate}")
     if args.corpus:
         return _pretrain_corpus(args)
     if args.hold_out:
@@ -199,7 +235,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     out = Path(args.output)
     batch = {} if args.tokens_per_batch is None else {"tokens_per_batch": args.tokens_per_batch}
     Trainer(model, train, valid, TrainConfig(epochs=args.epochs, lr=args.lr, device=args.device, seed=args.seed,
-                                             content_rotation_rate=args.content_rotation_rate, **batch),
+                                             content_rotation_rate=args.content_rotation_rate,
+                                             shuffle_rate=args.shuffle_rate, **batch),
             output_dir=out / "run", item_vectors=vectors).fit()
     if args.recent_pass_epochs:
         recent_pass(model, split, tok.tokens(tok.codes), tok.vocab.BOS, args.max_items, valid,
@@ -213,6 +250,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             chosen = choose_fusion(rec, args.domain, [split.valid_histories[u] for u in users],
                                    split.valid_targets[users], reading=reading, num_beams=20)
             print(f"fusion weight ({reading}): {chosen['weight']}")
+    model.config.tokenizer_fingerprint = _tokenizer_fingerprint(tok, index)
     model.save_pretrained(out)
     print(f"model saved to {out}")
     return 0
@@ -221,9 +259,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _corpus_settings(args):
     from recbase.pipeline import PretrainSettings
 
+    for flag in ("content_rotation_rate", "shuffle_rate"):  # before any data is loaded
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
     return PretrainSettings(preset=args.preset, hidden_size=getattr(args, "hidden_size", None),
                             num_layers=getattr(args, "layers", None), max_items=args.max_items, epochs=args.epochs, lr=args.lr,
-                            content_rotation_rate=args.content_rotation_rate,
+                            content_rotation_rate=args.content_rotation_rate, shuffle_rate=args.shuffle_rate,
                             recent_pass_epochs=args.recent_pass_epochs, dense=args.dense, seed=args.seed,
                             device=args.device, **({} if args.tokens_per_batch is None
                                                    else {"tokens_per_batch": args.tokens_per_batch}))
@@ -290,8 +331,16 @@ def _evaluate_corpus(args) -> int:
                          f"{meta['trained_on']}); pretrain with --hold-out {args.domain}")
     if args.domain not in meta["domains"]:
         raise ValueError(f"--domain: {args.domain!r} is not in the run {args.model} ({sorted(meta['domains'])})")
-    corpus.domains = [corpus.domain(args.domain)]
+    if args.text_sasrec_epochs < 0:
+        raise ValueError(f"--text-sasrec-epochs must be >= 0, got {args.text_sasrec_epochs}")
+    peers_on = [n for n in meta["trained_on"] if n != args.domain] if args.text_sasrec_epochs else []
+    corpus.domains = [corpus.domain(n) for n in dict.fromkeys([*peers_on, args.domain])]
     domains = prepare_domains(corpus, device=args.device)
+    peer = None
+    if peers_on:
+        from recbase.pipeline import fit_text_sasrec
+
+        peer = fit_text_sasrec(domains, peers_on, epochs=args.text_sasrec_epochs, seed=args.seed, device=args.device)
     d = domains[args.domain]
     lo, hi = meta["domains"][args.domain]["rows"]
     saved_ids = json.loads((Path(args.model) / "catalogs" / args.domain / "item_ids.json").read_text())
@@ -302,8 +351,8 @@ def _evaluate_corpus(args) -> int:
     d.codes = tok.codes[lo:hi]
     rows = evaluate_domain(model, tok, domains, args.domain, zero_shot=args.zero_shot,
                            max_users=args.max_users or None, num_beams=max(args.num_beams, 20), seed=args.seed,
-                           device=args.device)
-    cols = ["recall@10", "se_recall@10", "ndcg@10", "se_ndcg@10", "mrr"]
+                           device=args.device, text_sasrec=peer)
+    cols = ["recall@10", "se_recall@10", "ndcg@10", "se_ndcg@10", "mrr", "auc"]
     print("| domain | model | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for r in rows:
@@ -322,14 +371,17 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
                          f"{corpus.names()}")
     if args.epochs < 1 or args.max_items < 2:
         raise ValueError(f"--epochs must be >= 1 and --max-items >= 2, got {args.epochs} and {args.max_items}")
+    if args.text_sasrec_epochs < 0:
+        raise ValueError(f"--text-sasrec-epochs must be >= 0, got {args.text_sasrec_epochs}")
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:  # checked before hours of work, not after
         raise ValueError('the plot needs matplotlib: pip install "recbase[plot]"')
     out = _own_folder(args.output, "zeroshot.md", "a `recbase zeroshot` folder")
     settings, domains, tok = _corpus_stages(args, corpus)
-    rows = leave_one_domain_out(domains, tok, settings, max_users=args.max_users or None, output_dir=out / "runs")
-    cols = ["recall@10", "se_recall@10", "ndcg@10", "se_ndcg@10", "mrr"]
+    rows = leave_one_domain_out(domains, tok, settings, max_users=args.max_users or None, output_dir=out / "runs",
+                                text_sasrec_epochs=args.text_sasrec_epochs)
+    cols = ["recall@10", "se_recall@10", "ndcg@10", "se_ndcg@10", "mrr", "auc"]
     lines = ["| held out | pretrained on (interactions) | model | " + " | ".join(cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for r in rows:
@@ -361,6 +413,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     tok, index, data = _single_domain_files(args)
     split = leave_one_out(data, index)
     model = _load_model(args.model)
+    _check_pairing(model, tok, index, args)
     rec = Recommender(model, tok.vocab, {args.domain: tok.codes}, device=args.device,
                       unseen_domains=[args.domain] if args.unseen else [],
                       unordered_domains=[args.domain] if args.unordered else [],
@@ -386,6 +439,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         raise ValueError(f"-k must be >= 1, got {args.k}")
     tok, index = _catalog(Path(args.tokenizer))
     model = _load_model(args.model)
+    _check_pairing(model, tok, index, args)
     rec = Recommender(model, tok.vocab, {"catalog": tok.codes}, device=args.device,
                       unseen_domains=["catalog"] if args.unseen else [],
                       unordered_domains=["catalog"] if args.unordered else [],
@@ -483,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--content-rotation-rate", type=float, default=0.0,
                    help="> 0: give concepts their codebook content and read this share of steps by content "
                         "alone, randomly rotated, so the model can go zero-shot (the demo uses 0.5)")
+    s.add_argument("--shuffle-rate", type=float, default=0.0,
+                   help="share of training windows read in a random item order, so the model also learns "
+                        "histories whose order carries nothing (recbase.train.TrainConfig.shuffle_rate)")
     s.add_argument("--recent-pass-epochs", type=int, default=0,
                    help="then pass this often over each user's latest --max-items items, concepts read "
                         "normally, at lr 5e-4 (the demo uses 1; see recbase.train.recent_pass)")
@@ -497,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--zero-shot", action="store_true",
                    help="with --corpus: the domain was held out from pretraining; read it zero-shot")
     s.add_argument("--max-users", type=int, default=2000, help="with --corpus: evaluated users (seeded sample; 0 = all)")
+    s.add_argument("--text-sasrec-epochs", type=int, default=0,
+                   help="with --corpus: add the zero-shot text-sequence peer (TextSASRec), trained this many "
+                        "epochs on the domains the model pretrained on (0 = no such row)")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("zeroshot", help="leave-one-domain-out: for each corpus domain, pretrain on the others "
@@ -511,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=2e-3)
     s.add_argument("--tokens-per-batch", type=int, default=2048)
     s.add_argument("--content-rotation-rate", type=float, default=0.5)
+    s.add_argument("--shuffle-rate", type=float, default=0.0, help="share of windows read in a random item order")
     s.add_argument("--recent-pass-epochs", type=int, default=1)
     s.add_argument("--no-dense", dest="dense", action="store_false", help="concept IDs only (no dense item channel)")
     s.add_argument("--hidden-size", type=int, default=128, help="model width (the demo's 128)")
@@ -518,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--levels", type=int, default=3)
     s.add_argument("--codebook-size", type=int, default=256)
     s.add_argument("--max-users", type=int, default=2000, help="evaluated users per domain (seeded; 0 = all)")
+    s.add_argument("--text-sasrec-epochs", type=int, default=1,
+                   help="the zero-shot text-sequence peer (TextSASRec) trained on the same other domains, "
+                        "this many epochs (0 = no such row)")
     s.set_defaults(func=_cmd_zeroshot)
 
     s = sub.add_parser("recommend", help="top-k items for one history")

@@ -61,6 +61,7 @@ class DemoConfig:
     tokens_per_batch: int = 2048  # small batches learn faster per second here (docs/results.md)
     lr: float = 2e-3
     content_rotation_rate: float = 0.5  # share of steps read by content alone, randomly rotated
+    shuffle_rate: float = 0.0  # share of pretraining windows read in a random item order
     recent_pass_epochs: int = 1  # closing pass over each user's latest window, no rotation (0 = off)
     recent_pass_lr: float = 5e-4
     # dense item channel (LIGER-style hybrid): each item is also read through its full text
@@ -111,8 +112,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from recbase.data.corpus import Corpus, CorpusDomain
     from recbase.data.splits import leave_one_out
     from recbase.data.text import render_items
-    from recbase.evaluate import _per_user, build_ctr_pairs, evaluate_ctr, evaluate_rankings
-    from recbase.pipeline import PretrainSettings, pretrain_domains, prepare_domains, tokenize_domains
+    from recbase.evaluate import _per_user, evaluate_rankings
+    from recbase.pipeline import PretrainSettings, ctr_auc, pretrain_domains, prepare_domains, tokenize_domains
     from recbase.recommend import Recommender
     from recbase.tokenizer import centre_embeddings
 
@@ -150,7 +151,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     settings = PretrainSettings(
         preset=cfg.preset, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, max_items=cfg.max_items,
         train_items_per_user=cfg.train_items_per_user, epochs=cfg.epochs, tokens_per_batch=cfg.tokens_per_batch,
-        lr=cfg.lr, content_rotation_rate=cfg.content_rotation_rate, recent_pass_epochs=cfg.recent_pass_epochs,
+        lr=cfg.lr, content_rotation_rate=cfg.content_rotation_rate, shuffle_rate=cfg.shuffle_rate,
+        recent_pass_epochs=cfg.recent_pass_epochs,
         recent_pass_lr=cfg.recent_pass_lr, dense=cfg.dense, dense_loss_weight=cfg.dense_loss_weight,
         time_budget_s=cfg.time_budget_s, valid_users=cfg.valid_users,
         fusion_beams=max(cfg.num_beams, max(cfg.ks)), seed=cfg.seed, device=cfg.device)
@@ -251,19 +253,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                                             **({"TextSASRec (in-domain)": tsas} if tsas else {}),
                                             **{m: None for m in modes}}),
             *((d, sp, us, sc) for d, (sp, us, sc) in zero_shot.items())):
-        users = [u for u in users if len(split.train_sequences[u]) >= 2] if on_valid else users
-        seqs = [(split.train_sequences if on_valid else split.sequences)[u] for u in users]
-        n_pos = [min(10, len(s) // 2) for s in seqs]
-        hist = [s[:-n] for s, n in zip(seqs, n_pos)]
-        pos = [s[-n:] for s, n in zip(seqs, n_pos)]
-        pairs = build_ctr_pairs(pos, split.num_items, exclude=[split.sequences[u] for u in users],
-                                seed=cfg.seed + (7 if on_valid else 0))
-        cands = pairs.candidates(len(users))
-        for name, model_ in scorers.items():
-            per_user = (rec.score(hist, cands, domain=domain, mode=name) if model_ is None
-                        else model_.score(hist, cands))
-            flat = _flatten_scores(per_user, pairs)
-            ctr[(domain, name)] = evaluate_ctr(flat, pairs)["auc"]
+        fns = {name: (m.score if m is not None else
+                      lambda h, c, d_=domain, m_=name: rec.score(h, c, domain=d_, mode=m_))
+               for name, m in scorers.items()}
+        for name, auc in ctr_auc(split, users, fns, on_valid=on_valid, seed=cfg.seed + (7 if on_valid else 0)).items():
+            ctr[(domain, name)] = auc
     for row in rows:
         name = row["model"]
         key = (row["domain"], name.split()[1] if name.startswith("recbase ") and cfg.dense
@@ -284,16 +278,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     (out / "results.md").write_text(table + "\n")
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return result
-
-
-def _flatten_scores(per_user, pairs) -> np.ndarray:
-    """Per-user score arrays (candidate order of ``pairs.candidates``) -> one score per pair."""
-    flat = np.empty(len(pairs))
-    cursor = np.zeros(len(per_user), dtype=np.int64)
-    for m, u in enumerate(pairs.user.tolist()):
-        flat[m] = per_user[u][cursor[u]]
-        cursor[u] += 1
-    return flat
 
 
 def _paired_differences(per_user: dict) -> str:

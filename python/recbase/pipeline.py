@@ -3,7 +3,8 @@
     corpus (recbase.data.corpus) -> prepare_domains   load, split, item text, embeddings
                                  -> tokenize_domains  one tokenizer on every domain's item text
                                  -> pretrain_domains  one model on the trained domains' sequences
-                                 -> evaluate_domain   recbase next to popularity and text-kNN
+                                 -> evaluate_domain   recbase next to popularity, text-kNN and
+                                                      TextSASRec (fit_text_sasrec); ranking + AUC
     save_run / load_run: one folder holding the tokenizer, the model and what each domain was.
 
 A domain left out of ``train_on`` is held out: its items are tokenized from their text (no
@@ -22,7 +23,8 @@ import numpy as np
 from recbase._atomic import atomic_file
 
 __all__ = ["DomainData", "PretrainSettings", "Pretrained", "prepare_domains", "tokenize_domains", "pretrain_domains",
-           "evaluate_domain", "leave_one_domain_out", "sample_users", "save_run", "load_run"]
+           "fit_text_sasrec", "ctr_auc", "evaluate_domain", "leave_one_domain_out", "sample_users", "save_run",
+           "load_run"]
 
 _RUN_FORMAT = 1
 
@@ -54,6 +56,7 @@ class PretrainSettings:
     tokens_per_batch: int = 2048
     lr: float = 2e-3
     content_rotation_rate: float = 0.5
+    shuffle_rate: float = 0.0  # share of training windows read in a random item order
     recent_pass_epochs: int = 1
     recent_pass_lr: float = 5e-4
     dense: bool = True
@@ -168,7 +171,7 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
     out = Path(output_dir) if output_dir is not None else None
     tcfg = TrainConfig(epochs=s.epochs, tokens_per_batch=s.tokens_per_batch, lr=s.lr, warmup_steps=50, seed=s.seed,
                        device=s.device, content_rotation_rate=s.content_rotation_rate, progress=s.progress,
-                       time_budget_s=s.time_budget_s)
+                       shuffle_rate=s.shuffle_rate, time_budget_s=s.time_budget_s)
     state = Trainer(model, mixed, valid, tcfg, output_dir=None if out is None else out / "pretrain",
                     item_vectors=vectors).fit()
     recent = {"history": []}
@@ -198,11 +201,67 @@ def sample_users(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
+def fit_text_sasrec(domains: dict[str, DomainData], train_on: Sequence[str], *, epochs: int = 1, seed: int = 0,
+                    device: str = "cpu"):
+    """The zero-shot text-sequence peer (UniSRec-style :class:`recbase.baselines.TextSASRec`)
+    trained on the ``train_on`` domains: one catalog of all their items (their text embeddings
+    stacked, each domain's item indices shifted past the previous ones'), early-stopped on their
+    validation items. Apply it to any domain with ``with_catalog(embeddings)``."""
+    from recbase.baselines import TextSASRec
+
+    if not isinstance(epochs, (int, np.integer)) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"fit_text_sasrec: epochs must be an int >= 1, got {epochs!r}")
+    missing = [n for n in train_on if n not in domains]
+    if not train_on or missing:
+        raise ValueError(f"fit_text_sasrec: train_on must name domains of the corpus {sorted(domains)}, got {list(train_on)}")
+    seqs, hists, targets, offset = [], [], [], 0
+    for name in train_on:
+        sp = domains[name].split
+        seqs += [np.asarray(x, dtype=np.int64) + offset for x in sp.train_sequences]
+        hists += [np.asarray(x, dtype=np.int64) + offset for x in sp.valid_histories]
+        targets.append(np.asarray(sp.valid_targets, dtype=np.int64) + offset)
+        offset += sp.num_items
+    emb = np.concatenate([domains[n].embeddings for n in train_on])
+    model = TextSASRec(emb, max_len=50, seed=seed, device=device, max_epochs=epochs)
+    return model.fit(seqs, num_items=offset, valid_histories=hists, valid_targets=np.concatenate(targets))
+
+
+def _flatten_scores(per_user, pairs) -> np.ndarray:
+    """Per-user score arrays (candidate order of ``pairs.candidates``) -> one score per pair."""
+    flat = np.empty(len(pairs))
+    cursor = np.zeros(len(per_user), dtype=np.int64)
+    for m, u in enumerate(pairs.user.tolist()):
+        flat[m] = per_user[u][cursor[u]]
+        cursor[u] += 1
+    return flat
+
+
+def ctr_auc(split, users, scorers: dict, *, on_valid: bool = False, seed: int = 0) -> dict[str, float]:
+    """The CTR protocol (docs/results.md) on one domain: per user, the last up-to-10 items of the
+    sequence (at most half of it) are the positives and the rest the history, with 10 random items
+    the user never interacted with as negatives (seeded); on validation the training sequence, so
+    no validation or test item is scored. ``scorers``: name -> ``fn(histories, candidates)``
+    returning per-user score arrays. Returns name -> mean per-user AUC, the same pairs for all."""
+    from recbase.evaluate import build_ctr_pairs, evaluate_ctr
+
+    source = split.train_sequences if on_valid else split.sequences
+    users = [u for u in users if len(source[u]) >= 2]  # one history item and one positive at least
+    seqs = [np.asarray(source[u]) for u in users]
+    n_pos = [min(10, len(x) // 2) for x in seqs]
+    hist = [x[:-n] for x, n in zip(seqs, n_pos)]
+    pos = [x[-n:] for x, n in zip(seqs, n_pos)]
+    pairs = build_ctr_pairs(pos, split.num_items, exclude=[split.sequences[u] for u in users], seed=seed)
+    cands = pairs.candidates(len(users))
+    return {name: evaluate_ctr(_flatten_scores(fn(hist, cands), pairs), pairs)["auc"] for name, fn in scorers.items()}
+
+
 def evaluate_domain(model, tok, domains: dict[str, DomainData], domain: str, *, zero_shot: bool,
                     split: str = "test", max_users: int | None = 2000, num_beams: int = 60, ks=(5, 10, 20),
-                    seed: int = 0, device: str = "cpu") -> list[dict]:
+                    seed: int = 0, device: str = "cpu", text_sasrec=None, auc: bool = True) -> list[dict]:
     """Leave-one-out metrics on one domain: popularity (counts the domain's own interactions:
-    context, not zero-shot), text-kNN and recbase (every mode the model has), the same users.
+    context, not zero-shot), text-kNN, ``text_sasrec`` (a :func:`fit_text_sasrec` model, applied
+    to this catalog with ``with_catalog``; None: no row) and recbase (every mode the model has), the
+    same users; with ``auc``, each row's mean per-user AUC of the CTR protocol (:func:`ctr_auc`).
     ``zero_shot``: read the domain as unseen (the model must not have trained on it)."""
     from recbase.baselines import Popularity, TextKNN
     from recbase.evaluate import _per_user, evaluate_rankings
@@ -224,29 +283,39 @@ def evaluate_domain(model, tok, domains: dict[str, DomainData], domain: str, *, 
                       unseen_domains=[domain] if zero_shot else [],
                       unordered_domains=[] if d.ordered else [domain],
                       item_embeddings={domain: d.embeddings} if dense else None)
-    runs = [("popularity", lambda h: Popularity().fit(sp.train_sequences, num_items=sp.num_items).recommend(h, kmax)),
-            ("text-kNN", lambda h: TextKNN(d.embeddings, max_history=20).fit().recommend(h, kmax))]
     label = "zero-shot" if zero_shot else "in-domain"
+    baselines = {"popularity": Popularity().fit(sp.train_sequences, num_items=sp.num_items),
+                 "text-kNN": TextKNN(d.embeddings, max_history=20).fit()}
+    if text_sasrec is not None:
+        baselines[f"TextSASRec ({label})"] = text_sasrec.with_catalog(d.embeddings)
+    runs = [(name, m.recommend, m.score) for name, m in baselines.items()]
     for mode in ("generative", "dense", "hybrid") if dense else ("generative",):
         runs.append((f"recbase {mode} ({label})",
-                     lambda h, m=mode: rec.recommend(h, k=kmax, domain=domain, num_beams=max(num_beams, kmax), mode=m)[0]))
+                     lambda h, k, m=mode: rec.recommend(h, k=k, domain=domain, num_beams=max(num_beams, k), mode=m)[0],
+                     lambda h, c, m=mode: rec.score(h, c, domain=domain, mode=m)))
     rows = []
-    for name, fn in runs:
-        items = fn(histories)
+    for name, recommend, _ in runs:
+        items = recommend(histories, kmax)
         row = {"domain": domain, "model": name, "users": len(users), **evaluate_rankings(items, targets, ks)}
         for metric in ("recall", "ndcg"):
             per = _per_user(items, targets, 10, metric)
             row[f"se_{metric}@10"] = float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else float("nan")
         rows.append(row)
+    if auc:
+        aucs = ctr_auc(sp, users, {name: score for name, _, score in runs}, on_valid=split == "valid", seed=seed)
+        for row in rows:
+            row["auc"] = aucs[row["model"]]
     return rows
 
 
 def leave_one_domain_out(domains: dict[str, DomainData], tok, settings: PretrainSettings, *,
                          held_out: Sequence[str] | None = None, split: str = "test",
-                         max_users: int | None = 2000, output_dir: str | Path | None = None) -> list[dict]:
+                         max_users: int | None = 2000, output_dir: str | Path | None = None,
+                         text_sasrec_epochs: int = 1) -> list[dict]:
     """For each domain (or each of ``held_out``): pretrain on all the others, evaluate it zero-shot
-    next to popularity and text-kNN. Returns the rows, each with ``held_out``, ``trained_on`` and
-    ``pretrain_interactions`` (training items of the domains pretrained on)."""
+    next to popularity, text-kNN and a TextSASRec trained on the same other domains for
+    ``text_sasrec_epochs`` (0: none), with AUC. Returns the rows, each with ``held_out``,
+    ``trained_on`` and ``pretrain_interactions`` (training items of the domains pretrained on)."""
     rows = []
     names = list(domains) if held_out is None else list(held_out)
     if len(domains) < 2:
@@ -255,9 +324,11 @@ def leave_one_domain_out(domains: dict[str, DomainData], tok, settings: Pretrain
         train_on = [n for n in domains if n != name]
         out = None if output_dir is None else Path(output_dir) / f"without-{name}"
         model = pretrain_domains(domains, tok, train_on, settings, output_dir=out).model
+        peer = (fit_text_sasrec(domains, train_on, epochs=text_sasrec_epochs, seed=settings.seed,
+                                device=settings.device) if text_sasrec_epochs else None)
         size = int(sum(len(s_) for n in train_on for s_ in domains[n].split.train_sequences))
         for r in evaluate_domain(model, tok, domains, name, zero_shot=True, split=split, max_users=max_users,
-                                 seed=settings.seed, device=settings.device):
+                                 seed=settings.seed, device=settings.device, text_sasrec=peer):
             rows.append({**r, "held_out": name, "trained_on": "+".join(train_on), "pretrain_interactions": size})
     return rows
 

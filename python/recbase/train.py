@@ -41,6 +41,7 @@ from recbase._atomic import atomic_file
 from recbase.masking import mask_entities
 from recbase.model.modeling import IGNORE_INDEX as IGNORE  # one "not a target" label everywhere
 _MASK_STREAM = 0x6D61736B  # separates the masking RNG streams from other uses of the seed
+_SHUFFLE_STREAM = 0x73687566  # and the item-order shuffling stream
 _ROTATION_STREAM = 0x726F74  # and the content-rotation stream
 
 
@@ -128,6 +129,10 @@ class TrainConfig:
     # function of (seed, step). The model then cannot rely on where concepts lie, only on how a
     # history's concepts relate to the next item's -- which carries over to an unseen domain.
     content_rotation_rate: float = 0.0
+    # unordered histories: this fraction of training sequences (drawn per step and sequence, a pure
+    # function of (seed, step, index)) has its items read in a random order, so the model also
+    # learns what to predict when order carries nothing (a domain whose order is unknown). 0 = off.
+    shuffle_rate: float = 0.0
     # under torchrun with more than one process: shard parameters, gradients and optimizer state
     # over the ranks (FSDP2 ``fully_shard``, each decoder layer and the whole model) instead of a
     # full replica per rank (DDP). For models too large to replicate; the same step either way.
@@ -273,6 +278,8 @@ class Trainer:
             raise ValueError(f"mask_rate must be in [0, 1], got {config.mask_rate!r}")
         if not 0.0 <= config.content_rotation_rate <= 1.0:
             raise ValueError(f"content_rotation_rate must be in [0, 1], got {config.content_rotation_rate!r}")
+        if not 0.0 <= config.shuffle_rate <= 1.0:
+            raise ValueError(f"shuffle_rate must be in [0, 1], got {config.shuffle_rate!r}")
         if config.content_rotation_rate and not getattr(model.config, "concept_vector_dim", 0):
             raise ValueError("content_rotation_rate > 0 needs a model with concept vectors "
                              "(RecBaseConfig(concept_vector_dim=...) and model.set_concept_vectors)")
@@ -464,6 +471,21 @@ class Trainer:
         rng = np.random.default_rng([self.cfg.seed, _MASK_STREAM, step, int(index)])
         return mask_entities(self.train_seqs[index], self.levels, self.cfg.mask_rate, rng)
 
+    def shuffled_example(self, index: int, step: int) -> torch.Tensor:
+        """Training sequence ``index`` at step ``step``, its items (after BOS) in a random order
+        with probability ``shuffle_rate``: a pure function of (seed, step, index)."""
+        seq = self.train_seqs[index]
+        rate = self.cfg.shuffle_rate
+        if not rate:
+            return seq
+        rng = np.random.default_rng([self.cfg.seed, _SHUFFLE_STREAM, step, int(index)])
+        n = (len(seq) - 1) // self.levels
+        if rng.random() >= rate or n < 2 or 1 + n * self.levels != len(seq):
+            return seq
+        order = torch.as_tensor(rng.permutation(n))
+        items = seq[1:].view(n, self.levels)[order].reshape(-1)
+        return torch.cat([seq[:1], items])
+
     def step_rotation(self, step: int) -> torch.Tensor | None:
         """The content rotation of step ``step`` (None: a plain step); a pure function of
         (seed, step), so every rank and a resumed run agree."""
@@ -488,7 +510,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         shard = self._shard(batch)
-        local = [self.train_seqs[i] for i in shard]
+        local = [self.shuffled_example(i, self.state["global_step"]) for i in shard]
         total_targets = int(self.train_targets[batch].sum())
         labels = None
         if self.cfg.mask_rate:
