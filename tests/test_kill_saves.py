@@ -42,8 +42,13 @@ def _load_model(path):
     return int(RecBaseForCausalLM.from_pretrained(path).lm_head.weight[0, 0])
 
 
-def _save_tokenizer(path, v, cache={}):
-    tok = cache.setdefault(v % 2, _tokenizer(v % 2))
+_TOKENIZERS = {}  # fitted in the parent: a forked child must not start OpenMP (libgomp after fork)
+
+
+def _save_tokenizer(path, v):
+    if not _TOKENIZERS:
+        _TOKENIZERS.update({0: _tokenizer(0), 1: _tokenizer(1)})
+    tok = _TOKENIZERS[v % 2]
     tok.save(path)
     (path / "version.txt").write_text(str(v))  # a file recbase did not write: must survive too
 
@@ -89,7 +94,7 @@ def _load_adapters(path):
 
 KINDS = {
     "model": (_save_model, _load_model),
-    # tokenizer: not yet -- the forked child stalls in the tokenizer fit (OpenMP after fork); open
+    "tokenizer": (_save_tokenizer, _load_tokenizer),
     "checkpoint": (_save_checkpoint, _load_checkpoint),
     "adapters": (_save_adapters, _load_adapters),
 }
