@@ -1,4 +1,5 @@
 """Pretraining: packing, learning, exact resume after a kill, 2-process DDP == 1 process."""
+import json
 import os
 import sys
 import time
@@ -77,6 +78,25 @@ def test_pretraining_learns_the_chain(tmp_path):
     after = trainer.validate()
     assert after < 0.6 * before  # the chain is deterministic given the last item: loss falls far
     assert state["history"][-1]["train_loss"] < state["history"][0]["train_loss"]
+
+
+def test_validation_loss_per_group_is_logged_and_partitions_the_total(tmp_path):
+    train, valid = synthetic_sequences(40, seed=2), synthetic_sequences(20, seed=3)
+    groups = {"a": np.arange(0, 12), "b": np.arange(12, 20)}
+    cfg = TrainConfig(epochs=2, tokens_per_batch=1024, lr=1e-2, warmup_steps=1, seed=0, progress=False)
+    trainer = Trainer(tiny_model(), train, valid, cfg, output_dir=tmp_path, valid_groups=groups)
+    state = trainer.fit()
+    logged = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and all(set(r["valid_loss_by_group"]) == {"a", "b"} for r in logged)
+    last = min(state["history"], key=lambda r: r["valid_loss"])  # the epoch fit() restores
+    # every validation sequence scores its last item's L tokens: the total is the size-weighted mean
+    by = last["valid_loss_by_group"]
+    assert last["valid_loss"] == pytest.approx((12 * by["a"] + 8 * by["b"]) / 20, rel=1e-5)
+    # and each group's loss is what a trainer holding only that group's sequences reports
+    alone = Trainer(trainer.model, train, [valid[i] for i in groups["b"]], cfg)
+    assert alone.validate() == pytest.approx(by["b"], rel=1e-5)
+    with pytest.raises(ValueError, match=r"valid_groups\['x'\]: indices must lie in \[0, 20\)"):
+        Trainer(tiny_model(), train, valid, cfg, valid_groups={"x": [3, 20]})
 
 
 def _run(tmp, kill_at=None, mask_rate=0.0):

@@ -142,7 +142,7 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
     if any(domains[n].codes is None for n in domains):
         raise ValueError("domains: tokenize them first (tokenize_domains)")
     bos = tok.vocab.BOS
-    train, valid, users = [], [], {}
+    train, valid, users, groups = [], [], {}, {}
     for i, name in enumerate(train_on):
         d = domains[name]
         n = d.split.num_users
@@ -150,6 +150,7 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
         t, v = pretraining_sequences(d.split, tok.tokens(d.codes), bos, s.max_items, s.train_items_per_user,
                                      users[name])
         train.append(t)
+        groups[name] = np.arange(len(valid), len(valid) + len(v))  # per-domain validation loss in the log
         valid.extend(v)
     mixed, _ = mix_sequences(train, [domains[n].weight for n in train_on], s.alpha, s.seed)
     content = s.content_rotation_rate > 0
@@ -172,14 +173,16 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
     tcfg = TrainConfig(epochs=s.epochs, tokens_per_batch=s.tokens_per_batch, lr=s.lr, warmup_steps=50, seed=s.seed,
                        device=s.device, content_rotation_rate=s.content_rotation_rate, progress=s.progress,
                        shuffle_rate=s.shuffle_rate, time_budget_s=s.time_budget_s)
+    groups = groups if len(train_on) > 1 else None
     state = Trainer(model, mixed, valid, tcfg, output_dir=None if out is None else out / "pretrain",
-                    item_vectors=vectors).fit()
+                    item_vectors=vectors, valid_groups=groups).fit()
     recent = {"history": []}
     if s.recent_pass_epochs:
         recent = recent_pass(model, [domains[n].split for n in train_on], [tok.tokens(domains[n].codes) for n in train_on],
                     bos, s.max_items, valid, epochs=s.recent_pass_epochs, lr=s.recent_pass_lr, seed=s.seed + 1,
                     tokens_per_batch=s.tokens_per_batch, device=s.device, progress=s.progress,
-                    output_dir=None if out is None else out / "recent-pass", item_vectors=vectors)
+                    output_dir=None if out is None else out / "recent-pass", item_vectors=vectors,
+                    valid_groups=groups)
     if s.dense:
         # fusion weights on the trained domains' validation users only (the first domain's, the
         # largest share of users usually; every held-out domain gets the "unseen" weight)

@@ -221,7 +221,7 @@ def pretraining_sequences(split, item_tokens: np.ndarray, bos: int, max_items: i
 def recent_pass(model, split, item_tokens: np.ndarray, bos: int, max_items: int, valid: Sequence, *,
                 epochs: int = 1, lr: float = 5e-4, tokens_per_batch: int = 2048, seed: int = 1,
                 device: str = "cpu", progress: bool = True, output_dir=None,
-                item_vectors: "ItemVectors | None" = None) -> dict:
+                item_vectors: "ItemVectors | None" = None, valid_groups: dict | None = None) -> dict:
     """The closing pass of pretraining: ``epochs`` passes over every user's most recent window
     (its last ``max_items`` training items; ``split`` and ``item_tokens`` may be lists, one per domain) with the concepts read normally -- no rotated
     content-only steps -- at a low learning rate, warm-up 10 steps + cosine. Returns the
@@ -244,7 +244,8 @@ def recent_pass(model, split, item_tokens: np.ndarray, bos: int, max_items: int,
              for seq in pretraining_sequences(sp, tk, bos, max_items, recent=max_items, valid_users=[])[0]]
     cfg = TrainConfig(epochs=epochs, tokens_per_batch=tokens_per_batch, lr=lr, warmup_steps=10, seed=seed,
                       device=device, progress=progress)
-    return Trainer(model, train, valid, cfg, output_dir=output_dir, item_vectors=item_vectors).fit()
+    return Trainer(model, train, valid, cfg, output_dir=output_dir, item_vectors=item_vectors,
+                   valid_groups=valid_groups).fit()
 
 
 def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -271,9 +272,19 @@ class Trainer:
     """
 
     def __init__(self, model, train: Sequence, valid: Sequence, config: TrainConfig,
-                 output_dir: str | os.PathLike | None = None, item_vectors: ItemVectors | None = None):
+                 output_dir: str | os.PathLike | None = None, item_vectors: ItemVectors | None = None,
+                 valid_groups: dict | None = None):
         if len(train) == 0:
             raise ValueError("train: no training sequences")
+        # name -> indices into ``valid`` (e.g. one group per domain): each epoch's log record then
+        # also holds ``valid_loss_by_group`` (the early-stopping loss stays the one over all of valid)
+        self.valid_groups = {}
+        for name, idx in (valid_groups or {}).items():
+            idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+            if len(idx) and (idx.min() < 0 or idx.max() >= len(valid)):
+                raise ValueError(f"valid_groups[{name!r}]: indices must lie in [0, {len(valid)}), got "
+                                 f"[{int(idx.min())}, {int(idx.max())}]")
+            self.valid_groups[str(name)] = idx
         if not 0.0 <= config.mask_rate <= 1.0:
             raise ValueError(f"mask_rate must be in [0, 1], got {config.mask_rate!r}")
         if not 0.0 <= config.content_rotation_rate <= 1.0:
@@ -535,14 +546,16 @@ class Trainer:
         return float(loss_sum.detach()) / max(total_targets, 1) * self.world
 
     @torch.no_grad()
-    def validate(self, batch_tokens: int | None = None) -> float:
+    def validate(self, batch_tokens: int | None = None, indices=None) -> float:
+        """Mean loss over the last item of each validation sequence (of ``indices`` only, if given)."""
         self.model.eval()
-        if not self.valid_seqs:
+        seqs = self.valid_seqs if indices is None else [self.valid_seqs[int(i)] for i in indices]
+        if not seqs:
             return float("nan")
-        lengths = [len(s) for s in self.valid_seqs]
+        lengths = [len(s) for s in seqs]
         total, count = 0.0, 0
         for b in pack_batches(lengths, batch_tokens or self.cfg.tokens_per_batch, 0, 0):
-            loss_sum, n = self._loss([self.valid_seqs[i] for i in b], self.levels, train=False)
+            loss_sum, n = self._loss([seqs[i] for i in b], self.levels, train=False)
             total += float(loss_sum)
             count += n
         return total / max(count, 1)
@@ -573,6 +586,8 @@ class Trainer:
             val = self.validate()
             record = {"epoch": epoch, "steps": self.state["global_step"], "train_loss": float(np.mean(running)) if running else None,
                       "valid_loss": val}
+            if self.valid_groups:
+                record["valid_loss_by_group"] = {n: self.validate(indices=i) for n, i in self.valid_groups.items()}
             self.state["history"].append(record)
             if val < self.state["best"] - 1e-4:
                 self.state["best"], self.state["bad_epochs"] = val, 0
