@@ -327,6 +327,10 @@ def test_cli_corpus_pretrain_and_zero_shot_evaluate(tmp_path, capsys):
     for line in lines:
         recall, se, ndcg, _, _, auc = (float(x) for x in line.split("|")[3:9])
         assert 0.0 <= ndcg <= recall <= 1.0 and se >= 0.0 and 0.0 <= auc <= 1.0
+    # in-domain, the peer is trained on what the model trained on (movies), so it is in-domain too
+    assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "movies",
+                 "--text-sasrec-epochs", "1", "--max-users", "20"]) == 0
+    assert "| movies | TextSASRec (in-domain) |" in capsys.readouterr().out
     assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "books", "--zero-shot",
                  "--text-sasrec-epochs", "-1"]) == 2
     assert "--text-sasrec-epochs must be >= 0, got -1" in capsys.readouterr().err

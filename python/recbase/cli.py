@@ -211,10 +211,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if args.max_items < 2:
         raise ValueError(f"--max-items must be >= 2 (one history item and its next), got {args.max_items}")
-    if not 0.0 <= args.content_rotation_rate <= 1.0:
-        raise ValueError(f"--content-rotation-rate must be in [0, 1], got {args.content_rotation_rate}")
-    if not 0.0 <= args.shuffle_rate <= 1.0:
-        raise ValueError(f"--shuffle-rate must be in [0, 1], got {args.shuffle_rate}")
+    _check_rates(args)
     if args.corpus:
         return _pretrain_corpus(args)
     if args.hold_out:
@@ -256,12 +253,17 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_rates(args) -> None:
+    """The share options of pretraining, refused before any data is loaded."""
+    for flag in ("content_rotation_rate", "shuffle_rate"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
+
+
 def _corpus_settings(args):
     from recbase.pipeline import PretrainSettings
 
-    for flag in ("content_rotation_rate", "shuffle_rate"):  # before any data is loaded
-        if not 0.0 <= getattr(args, flag) <= 1.0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
+    _check_rates(args)
     return PretrainSettings(preset=args.preset, hidden_size=getattr(args, "hidden_size", None),
                             num_layers=getattr(args, "layers", None), max_items=args.max_items, epochs=args.epochs, lr=args.lr,
                             content_rotation_rate=args.content_rotation_rate, shuffle_rate=args.shuffle_rate,
@@ -333,7 +335,9 @@ def _evaluate_corpus(args) -> int:
         raise ValueError(f"--domain: {args.domain!r} is not in the run {args.model} ({sorted(meta['domains'])})")
     if args.text_sasrec_epochs < 0:
         raise ValueError(f"--text-sasrec-epochs must be >= 0, got {args.text_sasrec_epochs}")
-    peers_on = [n for n in meta["trained_on"] if n != args.domain] if args.text_sasrec_epochs else []
+    # the peer reads what the model read: the run's trained domains (never the domain itself when
+    # --zero-shot, which was checked above), so its row's label says the same as recbase's
+    peers_on = list(meta["trained_on"]) if args.text_sasrec_epochs else []
     corpus.domains = [corpus.domain(n) for n in dict.fromkeys([*peers_on, args.domain])]
     domains = prepare_domains(corpus, device=args.device)
     peer = None
