@@ -172,3 +172,60 @@ def test_a_save_killed_while_carrying_user_files_gives_them_back(tmp_path):
         (tmp / "x").write_text("newer")
     assert _listing(d) == {"x": "newer", "keep.txt": "mine", "moved.txt": "mine too"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "copies"])
+def test_user_entries_are_in_the_folder_at_every_step_of_a_save(tmp_path, monkeypatch, links):
+    """A kill -9 can land between any two filesystem calls of a save: at each of them the folder
+    at the path must already hold the user's files, folders and symlinks, with their contents (a
+    file that is only back after the next save is, to its owner, lost)."""
+    import os
+    import shutil
+
+    from recbase import _atomic
+
+    d = tmp_path / "d"
+    with atomic_dir(d) as tmp:
+        (tmp / "x").write_text("old")
+    (d / "notes.txt").write_text("mine")
+    (d / "sub").mkdir()
+    (d / "sub" / "deep.txt").write_text("deep")
+    os.symlink("notes.txt", d / "link")
+    mine = {"notes.txt": "mine", "sub/deep.txt": "deep", "link": "mine"}
+
+    def check(step):
+        for rel, text in mine.items():
+            assert (d / rel).read_text() == text, (step, rel)
+        assert os.readlink(d / "link") == "notes.txt", step
+
+    steps = []
+    for name, mod in (("replace", os), ("link", os), ("rmtree", shutil), ("copy2", shutil)):
+        real = getattr(mod, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            check(_name)
+            steps.append(_name)
+            return _real(*a, **k)
+        monkeypatch.setattr(_atomic.__dict__[mod.__name__], name, spy)
+    real_exchange = _atomic._exchange
+
+    def exchange(a, b):
+        check("exchange")
+        steps.append("exchange")
+        ok = real_exchange(a, b)
+        check("after exchange")
+        return ok
+    monkeypatch.setattr(_atomic, "_exchange", exchange)
+    if not links:
+        def no_links(*a, **k):
+            raise OSError("no hard links here")
+        monkeypatch.setattr(os, "link", no_links)
+    with atomic_dir(d) as tmp:
+        (tmp / "x").write_text("new")
+    monkeypatch.undo()
+    check("done")
+    assert (d / "x").read_text() == "new" and "exchange" in steps
+    assert ("link" in steps) == links and ("copy2" in steps) != links
+    if links:  # the same file, not a copy: a large user file costs nothing to carry
+        (d / "notes.txt").write_text("edited")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

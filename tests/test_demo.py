@@ -11,16 +11,29 @@ from recbase.demo import DemoConfig, run_demo
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("RECBASE_TEST_DATA") == "0",
                     reason="RECBASE_TEST_DATA=0: real datasets disabled (offline)")
-def test_quick_demo_end_to_end(tmp_path):
+def test_quick_demo_end_to_end_on_validation_items(tmp_path):
+    """One run (the demo is the suite's longest test) checks the whole pipeline and the split:
+    every artifact and row, the model beats popularity in-domain, and evaluate_on='valid' scores the
+    validation items of the validation users (popularity rows equal popularity recomputed here on
+    those items, and differ from the test items')."""
+    import numpy as np
+
+    from recbase import datasets
+    from recbase.baselines import Popularity
+    from recbase.data.splits import leave_one_out
+    from recbase.demo import _sample_users
+    from recbase.evaluate import evaluate_rankings
+
     # one full epoch, not a time budget: on a slow or busy machine a 30 s budget once stopped at
     # 59 of 161 steps, before the model beat popularity; the work (and result) must not depend
     # on the machine's speed
-    cfg = DemoConfig(output=str(tmp_path / "demo"), max_eval_users=200, epochs=1,
-                     time_budget_s=None, sasrec_epochs=1, text_sasrec_epochs=1)
+    cfg = DemoConfig(output=str(tmp_path / "demo"), max_eval_users=300, valid_users=300, epochs=1,
+                     time_budget_s=None, sasrec_epochs=1, text_sasrec_epochs=1, evaluate_on="valid")
     result = run_demo(cfg)
     out = tmp_path / "demo"
     for name in ("results.json", "results.md", "config.json", "tokenizer", "model"):
         assert (out / name).exists()
+    assert (out / "results.md").read_text().startswith("Validation items")
     rows = {(r["domain"], r["model"]): r for r in result["rows"]}
     modes = ("generative", "dense", "hybrid")
     assert set(rows) == {("movies", m) for m in ("popularity", "text-kNN", "SASRec (in-domain)",
@@ -41,32 +54,6 @@ def test_quick_demo_end_to_end(tmp_path):
     assert len(result["recent_pass_history"]) == 1 and (out / "recent-pass" / "checkpoint.pt").exists()
     assert json.loads((out / "config.json").read_text())["epochs"] == 1
 
-
-def test_demo_refuses_an_unknown_evaluation_split(tmp_path):
-    with pytest.raises(ValueError, match="evaluate_on"):
-        run_demo(DemoConfig(output=str(tmp_path / "demo"), evaluate_on="train"))
-    assert not (tmp_path / "demo").exists()  # refused before any work
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RECBASE_TEST_DATA") == "0",
-                    reason="RECBASE_TEST_DATA=0: real datasets disabled (offline)")
-def test_demo_on_validation_items(tmp_path):
-    """evaluate_on='valid' scores the validation items of the validation users: the popularity
-    rows equal popularity recomputed here on those items, and differ from the test items'."""
-    import numpy as np
-
-    from recbase import datasets
-    from recbase.baselines import Popularity
-    from recbase.data.splits import leave_one_out
-    from recbase.demo import _sample_users
-    from recbase.evaluate import evaluate_rankings
-
-    cfg = DemoConfig(output=str(tmp_path / "demo"), max_eval_users=300, valid_users=300, epochs=1,
-                     recent_pass_epochs=0, sasrec_epochs=1, text_sasrec_epochs=1, evaluate_on="valid")
-    result = run_demo(cfg)
-    rows = {(r["domain"], r["model"]): r for r in result["rows"]}
-    assert (tmp_path / "demo" / "results.md").read_text().startswith("Validation items")
     ml = leave_one_out(datasets.load("ml-1m").kcore(5, 5))
     bx = leave_one_out(datasets.load("book-crossing").to_implicit(1.0).kcore(5, 5))
     for domain, split, users in (("movies", ml, _sample_users(ml.num_users, 300, cfg.seed + 1)),
@@ -79,3 +66,9 @@ def test_demo_on_validation_items(tmp_path):
         got = rows[(domain, "popularity")]
         assert all(np.isclose(got[m], valid[m]) for m in ("recall@10", "ndcg@10", "mrr"))
         assert any(not np.isclose(got[m], test[m]) for m in ("recall@20", "ndcg@20", "mrr"))
+
+
+def test_demo_refuses_an_unknown_evaluation_split(tmp_path):
+    with pytest.raises(ValueError, match="evaluate_on"):
+        run_demo(DemoConfig(output=str(tmp_path / "demo"), evaluate_on="train"))
+    assert not (tmp_path / "demo").exists()  # refused before any work

@@ -1,7 +1,10 @@
 """kill -9 during every kind of save: the folder always loads, as the old or the new version.
 
-A forked child saves versions 1, 2, 3, ... of one artifact into the same path in a loop; the parent
-kills it with SIGKILL at a random moment (20 times per kind, seeded) and loads what is on disk.
+A child saves versions 1, 2, 3, ... of one artifact into the same path in a loop; the parent kills
+it with SIGKILL at a random moment (20 times per kind, seeded) and loads what is on disk. Children
+come from a fork server (a fresh single-threaded process), not a fork of pytest: a fork copies the
+locks that the parent's other threads (OpenMP, tqdm's monitor) hold at that instant, and a child
+that needs one of them hangs.
 """
 import multiprocessing as mp
 import os
@@ -18,7 +21,7 @@ from recbase.tokenizer import ItemTokenizer
 from recbase.train import _atomic_torch_save
 
 KILLS = 20
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+pytestmark = pytest.mark.skipif("forkserver" not in mp.get_all_start_methods(), reason="needs a fork server")
 
 
 def _tiny_model(version: int) -> RecBaseForCausalLM:
@@ -42,7 +45,7 @@ def _load_model(path):
     return int(RecBaseForCausalLM.from_pretrained(path).lm_head.weight[0, 0])
 
 
-_TOKENIZERS = {}  # fitted in the parent: a forked child must not start OpenMP (libgomp after fork)
+_TOKENIZERS = {}
 
 
 def _save_tokenizer(path, v):
@@ -116,7 +119,8 @@ def test_kill_9_during_saves_leaves_a_loadable_version(tmp_path, kind):
         pytest.importorskip("peft")
     save, load = KINDS[kind]
     rng = random.Random(f"kill-{kind}")
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["recbase.model", "recbase.tokenizer", "recbase.train", __name__])
     path = tmp_path / kind
     if kind == "checkpoint":
         path.mkdir()
@@ -126,12 +130,14 @@ def test_kill_9_during_saves_leaves_a_loadable_version(tmp_path, kind):
         ready = ctx.Event()
         child = ctx.Process(target=_loop, args=(save, path, ready), daemon=True)
         child.start()
-        assert ready.wait(60), f"{kind}: the saving child did not start"
-        time.sleep(rng.uniform(0.0, 0.05))
-        os.kill(child.pid, signal.SIGKILL)
-        child.join(10)
+        try:
+            assert ready.wait(60), f"{kind}: the saving child did not start"
+            time.sleep(rng.uniform(0.0, 0.05))
+        finally:  # a child left looping would eat a core (and the disk) for the rest of the run
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(10)
         got = load(path)  # raises if neither the old nor the new version is whole
         seen.add(got)
         if kind == "tokenizer":
-            assert (path / "version.txt").exists(), "a file recbase did not write was lost"
+            assert (path / "version.txt").exists(), f"kill {i}: a file recbase did not write was lost"
     assert seen, kind

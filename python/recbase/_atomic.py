@@ -19,13 +19,13 @@ from pathlib import Path
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?:[a-z0-9_]{8}(?:\.tmp)?|old)$")  # what mkstemp/mkdtemp below make
 
 
-_CARRIED = ".recbase-carried.json"  # journal of a save in progress: the user's entries it moved
+_CARRIED = ".recbase-carried.json"  # journal of a save by recbase <= 0.1.0 that moved user entries
 
 
 def _clean_leftovers(path: Path) -> None:
     """Temp files / folders of an earlier save of ``path`` that was killed (names only recbase
-    makes). A user's entry that the killed save was carrying over (listed in the temp folder's
-    journal) is moved back into ``path`` first, and an old version set aside by a save killed
+    makes). A user's entry that a killed save of an earlier recbase was moving over (listed in the
+    temp folder's journal) is moved back into ``path`` first, and an old version set aside by a save killed
     between its two renames is put back where no folder is -- never deleted."""
     try:
         entries = list(path.parent.iterdir())
@@ -60,6 +60,24 @@ def _restore_carried(leftover: Path, path: Path) -> None:
             src, dst = leftover / name, path / name
             if (src.exists() or src.is_symlink()) and not (dst.exists() or dst.is_symlink()):
                 os.replace(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # a filesystem without hard links, or a cross-device bind mount
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``dst`` becomes another name for ``src``'s contents: hard-linked files, re-made folders and
+    symlinks (never followed)."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(src), str(dst))
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -140,7 +158,8 @@ def atomic_dir(path: str | os.PathLike, marker: str | None = None):
     Never deletes what recbase did not write: an existing non-empty ``p`` without the artifact's
     ``marker`` file (e.g. ``tokenizer.json``) is refused before anything is written, and entries of
     an existing artifact folder that the new save does not write (a user's notes, other files) are
-    carried over into the new folder.
+    carried over into the new folder as hard links: at every moment, killed or not, they are in the
+    folder at ``path``.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -159,19 +178,16 @@ def atomic_dir(path: str | os.PathLike, marker: str | None = None):
             os.replace(tmp, path)
             _fsync(path.parent)
             return
-        # keep what this save does not write: listed in a journal first, so a kill while they
-        # sit in tmp lets the next save move them back (see _clean_leftovers)
-        carried = [e.name for e in path.iterdir() if e.name != _CARRIED and not (tmp / e.name).exists()]
+        # keep what this save does not write: hard links (a copy where links are not possible) in
+        # the new folder, so the user's entries never leave the path -- before the swap the old
+        # folder holds them, after it the new one
+        carried = [e for e in path.iterdir() if e.name != _CARRIED and not (tmp / e.name).exists()]
+        for entry in carried:
+            _link_tree(entry, tmp / entry.name)
         if carried:
-            (tmp / _CARRIED).write_text(json.dumps(carried))
-            _fsync(tmp / _CARRIED)
             _fsync(tmp)
-            for name in carried:
-                os.replace(path / name, tmp / name)
         if _exchange(tmp, path):  # no moment without a folder at the path; tmp now holds the old
             _fsync(path.parent)
-            with contextlib.suppress(OSError):
-                (path / _CARRIED).unlink()
             shutil.rmtree(tmp, ignore_errors=True)
             return
         # fallback (no renameat2): two renames; a kill between them is repaired by the next save
@@ -180,14 +196,11 @@ def atomic_dir(path: str | os.PathLike, marker: str | None = None):
         os.replace(path, old)
         os.replace(tmp, path)
         _fsync(path.parent)
-        with contextlib.suppress(OSError):
-            (path / _CARRIED).unlink()
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:  # put everything back where it was before dropping the new version
         old = path.with_name(f".{path.name}.old")
         if not path.exists() and old.is_dir():
             os.replace(old, path)
-        _restore_carried(tmp, path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
