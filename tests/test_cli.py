@@ -431,3 +431,60 @@ def test_cli_fails_like_a_tool(tmp_path, capsys):
     with pytest.raises(ValueError):  # --debug: the exception itself
         main(["--debug", "recommend", *common, "--tokenizer", str(tmp_path / "t"), "--model", str(tmp_path / "nope"),
               "--history", "m1"])
+
+
+def test_cli_bundle_serves_batch_recommendations_and_evaluates(tmp_path, capsys):
+    """tokenize + pretrain --dense -> `recbase bundle` -> recommend --histories (a file of users,
+    one batch) equal to one-by-one --history, evaluate --bundle equal to evaluate on the folders."""
+    rng = np.random.default_rng(5)
+    items = movie_items()
+    items.to_csv(tmp_path / "movies.csv", index=False)
+    inter = walks(rng, "m", 40, 30)
+    inter.to_csv(tmp_path / "inter.csv", index=False)
+    m_args = ["--items", str(tmp_path / "movies.csv"), "--domain", "movies"]
+    tok, model, bundle = tmp_path / "tok", tmp_path / "model", tmp_path / "bundle"
+    assert main(["tokenize", *m_args, "--fields", "Title=title,Genres=genres", "--levels", "2",
+                 "--codebook-size", "8", "--output", str(tok)]) == 0
+    assert np.load(tok / "embedding_mean.npy").shape == np.load(tok / "embeddings.npy").shape[1:]
+    assert main(["pretrain", *m_args, "--interactions", str(tmp_path / "inter.csv"), "--tokenizer", str(tok),
+                 "--preset", "tiny", "--max-items", "8", "--epochs", "1", "--tokens-per-batch", "128", "--dense",
+                 "--output", str(model)]) == 0
+    assert main(["bundle", "--tokenizer", str(tok), "--model", str(model), "--domain", "movies",
+                 "--output", str(bundle)]) == 0
+    assert (bundle / "bundle.json").is_file()
+    capsys.readouterr()
+    # a file of histories -> a Parquet of (user_id, rank, item_id, score), the same as one at a time
+    some = inter[inter.user_id.isin(["u0", "u1", "u2"])].sample(frac=1.0, random_state=0)  # rows out of order
+    some.to_csv(tmp_path / "hist.csv", index=False)
+    assert main(["recommend", "--bundle", str(bundle), "--histories", str(tmp_path / "hist.csv"), "-k", "4",
+                 "--output", str(tmp_path / "recs.parquet")]) == 0
+    recs = pd.read_parquet(tmp_path / "recs.parquet")
+    assert list(recs.columns) == ["user_id", "rank", "item_id", "score"]
+    for user, got in recs.groupby("user_id"):
+        history = some[some.user_id == user].sort_values("timestamp").item_id.tolist()
+        capsys.readouterr()
+        assert main(["recommend", "--bundle", str(bundle), "--history", *history, "-k", "4"]) == 0
+        lines = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
+        assert got["rank"].tolist() == [1, 2, 3, 4]
+        assert got.item_id.tolist() == [line[1] for line in lines]
+        np.testing.assert_allclose(got.score.to_numpy(), [float(line[0]) for line in lines], atol=1e-4)
+        assert not set(got.item_id) & set(history)
+    # evaluate through the bundle == evaluate through the folders
+    assert main(["evaluate", "--bundle", str(bundle), "--interactions", str(tmp_path / "inter.csv")]) == 0
+    via_bundle = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", *m_args, "--interactions", str(tmp_path / "inter.csv"), "--tokenizer", str(tok),
+                 "--model", str(model)]) == 0
+    assert json.loads(capsys.readouterr().out) == via_bundle
+    # bad input: clear one-line errors, exit 2, nothing written
+    pd.DataFrame({"user_id": ["u0"], "item_id": ["nope"]}).to_csv(tmp_path / "bad.csv", index=False)
+    for argv, msg in (
+            (["recommend", "--bundle", str(bundle), "--histories", str(tmp_path / "bad.csv"), "--output",
+              str(tmp_path / "bad.parquet")], "not in the 'movies' catalog, e.g. 'nope'"),
+            (["recommend", "--bundle", str(bundle), "--history", "m1", "--model", str(model)], "drop --model"),
+            (["recommend", "--bundle", str(bundle), "--histories", str(tmp_path / "hist.csv")],
+             "--histories and --output go together"),
+            (["recommend", "--bundle", str(tmp_path), "--history", "m1"], "not a recbase bundle")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+    assert not (tmp_path / "bad.parquet").exists()

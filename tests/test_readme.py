@@ -38,3 +38,11 @@ def test_readme_zero_shot_example_runs(capsys):
     exec(compile(block, "README.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()
     assert out[-3:] == ["generative (1, 5)", "dense (1, 5)", "hybrid (1, 5)"]
+
+
+def test_readme_serving_example_runs(capsys, tmp_path, monkeypatch):
+    [block] = [b for b in python_blocks() if "recommend_frame" in b]
+    monkeypatch.chdir(tmp_path)  # the example writes its bundle to the working directory
+    exec(compile(block, "README.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines()[-1] == "(6, 4)"
+    assert (tmp_path / "my-bundle" / "bundle.json").is_file()

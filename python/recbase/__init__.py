@@ -18,6 +18,7 @@ _EXPORTS = {
     "ResidualQuantizer": "recbase.quantize",
     "ItemTokenizer": "recbase.tokenizer",
     "ConceptVocab": "recbase.tokenizer",
+    "centre_embeddings": "recbase.tokenizer",
     "ConceptTrie": "recbase.trie",
     "beam_search": "recbase.search",
     "ConceptTrieLogitsProcessor": "recbase.search",
@@ -27,7 +28,7 @@ _EXPORTS = {
     "lora_model": "recbase.finetune",
 }
 _SUBMODULES = {"ops", "datasets", "data", "evaluate", "baselines", "train", "model", "kernels",
-               "finetune", "masking"}
+               "finetune", "masking", "bundle"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

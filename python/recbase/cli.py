@@ -10,7 +10,10 @@
     recbase evaluate  --items I --interactions X --tokenizer DIR --model DIR
     recbase evaluate  --corpus C.toml --model RUN --domain D [--zero-shot]  with the baselines
     recbase zeroshot  --corpus C.toml --output DIR   leave-one-domain-out table + plot
-    recbase recommend --items I --tokenizer DIR --model DIR --history ID [ID ...]
+    recbase recommend --tokenizer DIR --model DIR --history ID [ID ...]
+    recbase bundle    --tokenizer DIR --model DIR --output B   one folder that serving loads
+    recbase recommend --bundle B --histories H.parquet --output recs.parquet   batch, for pipelines
+    recbase evaluate  --bundle B --interactions X
 
 Zero-shot in a new domain: pretrain with ``--content-rotation-rate 0.5`` (the demo adds
 ``--recent-pass-epochs 1``: one unrotated pass over each user's latest items), tokenize the new
@@ -26,6 +29,7 @@ validation items; ``evaluate`` / ``recommend`` then take ``--mode generative|den
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -109,6 +113,7 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     else:
         texts = render_items(items, _template(args.domain, args.fields))
         emb = TextEncoder(args.encoder or DEFAULT_MODEL, device=args.device).encode(texts)
+    mean = emb.mean(0)  # what new items' embeddings are centred on later (Recommender.add_items)
     emb = centre_embeddings(emb)
     if args.codebooks:  # a new domain on an existing vocabulary (zero-shot)
         tok = ItemTokenizer.load(args.codebooks).for_catalog(emb)
@@ -117,10 +122,20 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
                             seed=args.seed).fit(emb)
     out = Path(args.output)
     tok.save(out)
-    (out / "item_ids.json").write_text(json.dumps(items["item_id"].astype(str).tolist()))
+    _write_atomic(out / "item_ids.json", json.dumps(items["item_id"].astype(str).tolist()).encode())
+    for name, array in (("embeddings.npy", emb), ("embedding_mean.npy", mean.astype(np.float32))):
+        buf = io.BytesIO()
+        np.save(buf, array)
+        _write_atomic(out / name, buf.getvalue())
     print(json.dumps({k: v for k, v in tok.report().items() if k != "per_level"}, indent=2))
-    np.save(out / "embeddings.npy", emb)
     return 0
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    from recbase._atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _tokenizer_embeddings(tok_dir: Path, num_items: int):
@@ -182,7 +197,7 @@ def _single_domain_files(args):
 
     for flag in ("items", "interactions", "tokenizer"):
         if getattr(args, flag) is None:
-            raise ValueError(f"--{flag} is required (or give --corpus)")
+            raise ValueError(f"--{flag} is required (or give --corpus, or --bundle)")
     tok, index = _catalog(Path(args.tokenizer))
     return tok, index, datasets.from_files(args.items, args.interactions, domain=args.domain)
 
@@ -325,6 +340,8 @@ def _evaluate_corpus(args) -> int:
     from recbase.data.corpus import load_corpus
     from recbase.pipeline import evaluate_domain, load_run, prepare_domains
 
+    if args.model is None or args.bundle:
+        raise ValueError("--corpus needs --model RUN (the run folder of `pretrain --corpus`), not --bundle")
     corpus = load_corpus(args.corpus)
     corpus.domain(args.domain)  # a clear error for a domain the corpus does not have
     tok, model, meta = load_run(args.model)
@@ -408,23 +425,70 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from recbase.data.splits import leave_one_out
     from recbase.evaluate import evaluate_rankings
-    from recbase.recommend import Recommender
 
     if args.corpus:
         return _evaluate_corpus(args)
     if args.zero_shot:
         raise ValueError("--zero-shot needs --corpus (without it, say --unseen)")
-    tok, index, data = _single_domain_files(args)
-    split = leave_one_out(data, index)
-    model = _load_model(args.model)
-    _check_pairing(model, tok, index, args)
-    rec = Recommender(model, tok.vocab, {args.domain: tok.codes}, device=args.device,
-                      unseen_domains=[args.domain] if args.unseen else [],
-                      unordered_domains=[args.domain] if args.unordered else [],
-                      item_embeddings=_dense_embeddings(args, model, tok, args.domain))
-    items, _ = rec.recommend(split.test_histories, k=20, num_beams=args.num_beams, mode=args.mode)
+    if args.bundle:
+        rec, domain = _bundle_recommender(args)
+        if args.interactions is None:
+            raise ValueError("--interactions is required")
+        from recbase import datasets
+        from recbase.data.sequences import ItemIndex
+
+        inter = datasets._read_table(args.interactions, "interactions", dtype={"user_id": str, "item_id": str})
+        split = leave_one_out(inter, ItemIndex(rec.item_ids[domain]))
+    else:
+        tok, index, data = _single_domain_files(args)
+        split = leave_one_out(data, index)
+        rec, domain = _files_recommender(args, tok, index, args.domain), args.domain
+    items, _ = rec.recommend(split.test_histories, k=20, domain=domain, num_beams=args.num_beams, mode=args.mode)
     print(json.dumps(evaluate_rankings(items, split.test_targets), indent=2))
     return 0
+
+
+def _files_recommender(args, tok, index, domain):
+    """A Recommender from --tokenizer + --model folders (checked to belong together)."""
+    from recbase.recommend import Recommender
+
+    if args.model is None:
+        raise ValueError("--model is required (or give --bundle)")
+    model = _load_model(args.model)
+    _check_pairing(model, tok, index, args)
+    mean_file = Path(args.tokenizer) / "embedding_mean.npy"
+    mean = {domain: _load_vector(mean_file)} if mean_file.is_file() else None
+    return Recommender(model, tok.vocab, {domain: tok.codes}, device=args.device,
+                       unseen_domains=[domain] if args.unseen else [],
+                       unordered_domains=[domain] if args.unordered else [],
+                       item_embeddings=_dense_embeddings(args, model, tok, domain),
+                       item_ids={domain: [str(i) for i in index.ids]}, tokenizer=tok, embedding_means=mean)
+
+
+def _load_vector(path: Path):
+    import numpy as np
+
+    try:
+        v = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--tokenizer: cannot read {path} as a .npy array ({exc})") from exc
+    if v.ndim != 1 or not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all():
+        raise ValueError(f"--tokenizer: {path} must hold a finite float vector, got {v.dtype} {v.shape}")
+    return v
+
+
+def _bundle_recommender(args):
+    """(Recommender, domain) of --bundle; --tokenizer / --model / --unseen / --unordered belong to
+    the bundle then (it keeps them), so giving them too is an error."""
+    from recbase.recommend import Recommender
+
+    clash = [f"--{f}" for f in ("tokenizer", "model") if getattr(args, f, None)]
+    clash += [f"--{f}" for f in ("unseen", "unordered") if getattr(args, f, False)]
+    if clash:
+        raise ValueError(f"--bundle holds the model, tokenizer and catalog flags: drop {' '.join(clash)}")
+    rec = Recommender.load(args.bundle, device=args.device)
+    domain = args.domain if args.domain in rec.codes or len(rec.codes) > 1 else next(iter(rec.codes))
+    return rec, rec._domain(domain)
 
 
 def _dense_embeddings(args, model, tok, domain):
@@ -437,21 +501,60 @@ def _dense_embeddings(args, model, tok, domain):
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
-    from recbase.recommend import Recommender
-
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
-    tok, index = _catalog(Path(args.tokenizer))
-    model = _load_model(args.model)
-    _check_pairing(model, tok, index, args)
-    rec = Recommender(model, tok.vocab, {"catalog": tok.codes}, device=args.device,
-                      unseen_domains=["catalog"] if args.unseen else [],
-                      unordered_domains=["catalog"] if args.unordered else [],
-                      item_embeddings=_dense_embeddings(args, model, tok, "catalog"))
-    history = index.encode(args.history)
-    items, scores = rec.recommend([history], k=args.k, num_beams=max(args.num_beams, args.k), mode=args.mode)
-    for item, score in zip(index.decode(items[0][items[0] >= 0]), scores[0]):
+    if (args.history is None) == (args.histories is None):
+        raise ValueError("give --history (one history, item ids) or --histories (a file of many), not both")
+    if (args.histories is None) != (args.output is None):
+        raise ValueError("--histories and --output go together (a file of histories in, a file of recommendations out)")
+    if args.bundle:
+        rec, domain = _bundle_recommender(args)
+    else:
+        if args.tokenizer is None:
+            raise ValueError("--tokenizer is required (or give --bundle)")
+        tok, index = _catalog(Path(args.tokenizer))
+        rec, domain = _files_recommender(args, tok, index, "catalog"), "catalog"
+    beams = max(args.num_beams, args.k)
+    if args.histories is not None:
+        return _recommend_file(rec, domain, args, beams)
+    history = rec.indices_of(domain, args.history)
+    items, scores = rec.recommend([history], k=args.k, domain=domain, num_beams=beams, mode=args.mode)
+    for item, score in zip(rec.ids_of(domain, items[0][items[0] >= 0]), scores[0]):
         print(f"{score:10.4f}  {item}")
+    return 0
+
+
+def _recommend_file(rec, domain, args, beams) -> int:
+    """--histories F (CSV / Parquet: user_id, item_id[, timestamp]) -> --output (user_id, rank, item_id, score)."""
+    from recbase import datasets
+    from recbase._atomic import atomic_file
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".parquet", ".pq", ".csv"):
+        raise ValueError(f"--output: expected a .parquet or .csv file name, got {args.output}")
+    csv = {} if str(args.histories).lower().endswith((".parquet", ".pq")) else {"dtype": {"user_id": str, "item_id": str}}
+    frame = datasets._read_table(args.histories, "histories", **csv)
+    time_col = "timestamp" if "timestamp" in frame.columns else None
+    try:
+        recs = rec.recommend_frame(frame, k=args.k, domain=domain, time_col=time_col, num_beams=beams, mode=args.mode)
+    except ValueError as exc:
+        raise ValueError(f"--histories: {args.histories}: {exc}") from exc
+    with atomic_file(out) as tmp:
+        if out.suffix.lower() == ".csv":
+            recs.to_csv(tmp, index=False)
+        else:
+            recs.to_parquet(tmp, index=False)
+    print(f"{len(recs)} recommendations for {recs['user_id'].nunique()} users -> {out}")
+    return 0
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    """tokenizer + model folders -> one bundle folder (Recommender.save)."""
+    tok, index = _catalog(Path(args.tokenizer))
+    rec = _files_recommender(args, tok, index, args.domain)
+    rec.save(args.output)
+    n = len(rec.codes[args.domain])
+    print(f"bundle of {n} {args.domain} items -> {args.output}")
     return 0
 
 
@@ -479,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_demo)
 
     def common(s, need_model=False, need_inter=False, corpus=False):
-        s.add_argument("--items", required=not corpus, help="CSV/Parquet with item_id + attributes")
+        s.add_argument("--items", required=not (corpus or need_model),
+                       help="CSV/Parquet with item_id + attributes")
         if need_inter:
             s.add_argument("--interactions", required=not corpus, help="CSV/Parquet: user_id, item_id[, timestamp]")
         if corpus:
@@ -490,9 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="cpu")
         s.add_argument("--seed", type=int, default=0)
         if need_model:
-            s.add_argument("--tokenizer", required=not corpus, help="folder written by `recbase tokenize`")
-            s.add_argument("--model", required=True, help="folder written by `recbase pretrain` "
-                                                          "(with --corpus: the run folder of `pretrain --corpus`)")
+            s.add_argument("--tokenizer", default=None, help="folder written by `recbase tokenize`")
+            s.add_argument("--model", default=None, help="folder written by `recbase pretrain` "
+                                                         "(with --corpus: the run folder of `pretrain --corpus`)")
+            s.add_argument("--bundle", default=None,
+                           help="a recommender bundle (`recbase bundle`, Recommender.save) instead of "
+                                "--tokenizer and --model")
             s.add_argument("--num-beams", type=int, default=20)
             s.add_argument("--unseen", action="store_true",
                            help="a domain the model never trained on: read it by concept content alone "
@@ -588,11 +695,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "this many epochs (0 = no such row)")
     s.set_defaults(func=_cmd_zeroshot)
 
-    s = sub.add_parser("recommend", help="top-k items for one history")
+    s = sub.add_parser("recommend", help="top-k items for one history, or for a file of histories")
     common(s, need_model=True)
-    s.add_argument("--history", nargs="+", required=True, help="item ids, oldest first")
+    s.add_argument("--history", nargs="+", default=None, help="item ids, oldest first")
+    s.add_argument("--histories", default=None,
+                   help="CSV/Parquet of interactions (user_id, item_id[, timestamp]): every user's history")
+    s.add_argument("--output", default=None, help="with --histories: .parquet or .csv of (user_id, rank, item_id, score)")
     s.add_argument("-k", type=int, default=10)
     s.set_defaults(func=_cmd_recommend)
+
+    s = sub.add_parser("bundle", help="tokenizer + model -> one recommender bundle folder (what serving loads)")
+    s.add_argument("--tokenizer", required=True, help="folder written by `recbase tokenize`")
+    s.add_argument("--model", required=True, help="folder written by `recbase pretrain`")
+    s.add_argument("--domain", default="catalog", help="the catalog's name in the bundle")
+    s.add_argument("--unseen", action="store_true", help="the model never trained on this catalog (read zero-shot)")
+    s.add_argument("--unordered", action="store_true", help="its histories have no order (read as sets)")
+    s.add_argument("--mode", default=None, choices=["generative", "dense", "hybrid"], help=argparse.SUPPRESS)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--output", required=True, help="the bundle folder")
+    s.set_defaults(func=_cmd_bundle)
     return p
 
 

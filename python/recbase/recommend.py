@@ -106,6 +106,28 @@ def score_candidates(model, histories: list[torch.Tensor], candidates: Sequence[
     return [total[bounds[b]:bounds[b + 1]] for b in range(len(candidates))]
 
 
+def _checked_item_ids(domain: str, ids, n: int) -> list[str]:
+    """A catalog's item ids as strings, one per row and unique (default: the row numbers)."""
+    if ids is None:
+        return [str(i) for i in range(n)]
+    if isinstance(ids, (str, bytes)) or len(ids) != n:
+        got = "a single string" if isinstance(ids, (str, bytes)) else f"{len(ids)} ids"
+        raise ValueError(f"item_ids[{domain!r}]: expected one id per catalog item ({n}), got {got}")
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != n:
+        seen: set = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise ValueError(f"item_ids[{domain!r}]: duplicate id {dup!r}")
+    return ids
+
+
+def _checked_mean(domain: str, mean) -> np.ndarray:
+    mean = np.asarray(mean, dtype=np.float32)
+    if mean.ndim != 1 or not np.isfinite(mean).all():
+        raise ValueError(f"embedding_means[{domain!r}]: expected a finite 1-d vector, got shape {mean.shape}")
+    return mean
+
+
 class Recommender:
     """Recommends items of one or more catalogs (domains) with a pretrained concept-ID model.
 
@@ -121,13 +143,20 @@ class Recommender:
     ``frame_alignment`` (the new domain's principal axes onto those of the seen domains' item
     embeddings, which must be given), so every score is unchanged when the new domain's embeddings
     and codebooks come turned by any orthogonal matrix (e.g. from another encoder of that width).
+
+    A living catalog (serving): ``item_ids`` maps a domain to its items' ids (row order; default
+    ``"0"``, ``"1"``, ...); with the ``tokenizer`` whose codebooks the catalogs were encoded on,
+    :meth:`add_items` encodes new items (text embeddings only) and :meth:`remove_items` takes items
+    out; ``embedding_means`` maps a domain to the mean its embeddings were centred on
+    (``centre_embeddings``), so that new items' raw embeddings are centred the same way.
+    :meth:`save` / :meth:`load` keep all of it in one folder.
     """
 
     def __init__(self, model, vocab: ConceptVocab, catalogs: dict[str, np.ndarray],
                  max_items: int | None = None, device: str | torch.device = "cpu",
                  unseen_domains: Sequence[str] = (), item_embeddings: dict | None = None,
-                 unseen_frame: str = "identity", unordered_domains: Sequence[str] = ()):
-
+                 unseen_frame: str = "identity", unordered_domains: Sequence[str] = (),
+                 item_ids: dict | None = None, tokenizer=None, embedding_means: dict | None = None):
         if not catalogs:
             raise ValueError("catalogs: need at least one domain")
         unknown = sorted(set(unseen_domains) - set(catalogs))
@@ -150,6 +179,18 @@ class Recommender:
         self.max_items = None if limit is None else limit - 1
         self.codes = {d: np.asarray(c, dtype=np.int64) for d, c in catalogs.items()}
         self.tries = {d: self._trie(d, c) for d, c in self.codes.items()}
+        self._full_tries = dict(self.tries)  # every item's ID; ``tries`` leaves removed items out
+        self._excluded: dict[str, torch.Tensor] = {}  # [N] bool of removed items, per domain with any
+        self.tokenizer = tokenizer
+        for name, given in (("item_ids", item_ids), ("embedding_means", embedding_means)):
+            unknown = sorted(set(given or {}) - set(self.codes))
+            if unknown:
+                raise ValueError(f"{name}: {unknown} not among the catalogs {sorted(self.codes)}")
+        self.item_ids, self._index_of, self.removed, self.means = {}, {}, {}, {}
+        for d in self.codes:
+            self._set_item_ids(d, _checked_item_ids(d, (item_ids or {}).get(d), len(self.codes[d])))
+            if (embedding_means or {}).get(d) is not None:
+                self.means[d] = _checked_mean(d, embedding_means[d])
         self.embeddings, self.unit = {}, {}
         if item_embeddings and not getattr(model.config, "item_vector_dim", 0):
             raise ValueError("item_embeddings needs a model with a dense item channel (item_vector_dim > 0)")
@@ -178,6 +219,11 @@ class Recommender:
                              f"got [{codes.min()}, {codes.max()}]")
         return ConceptTrie(codes, codebook_size=k)
 
+    def _set_item_ids(self, domain: str, ids: list[str]) -> None:
+        self.item_ids[domain] = ids
+        self._index_of[domain] = {i: r for r, i in enumerate(ids)}
+        self.removed[domain] = np.zeros(len(ids), dtype=bool)
+
     def _set_embeddings(self, domain: str, e) -> None:
         dim = getattr(self.model.config, "item_vector_dim", 0)
         e = np.asarray(e)
@@ -202,10 +248,11 @@ class Recommender:
         self.frames[domain] = frame_alignment(self.embeddings[domain].cpu(), source).float().to(self.device)
 
     def add_catalog(self, domain: str, codes, unseen: bool = True, item_embeddings=None,
-                    unordered: bool = False) -> None:
+                    unordered: bool = False, item_ids=None, embedding_mean=None) -> None:
         """Add (or replace) one domain's catalog: its (N, L) concept IDs, whether the model never
-        trained on it, its items' text embeddings (for the dense channel) and whether its
-        histories have no order (read as sets by the dense channel)."""
+        trained on it, its items' text embeddings (for the dense channel), whether its
+        histories have no order (read as sets by the dense channel), its item ids and the mean
+        its embeddings were centred on (see the class docstring)."""
 
         if unseen and not getattr(self.model.config, "concept_vector_dim", 0):
             raise ValueError("unseen needs a model with concept vectors (concept_vector_dim > 0)")
@@ -213,7 +260,14 @@ class Recommender:
             raise ValueError("item_embeddings needs a model with a dense item channel (item_vector_dim > 0)")
         codes = np.asarray(codes, dtype=np.int64)
         trie = self._trie(domain, codes)
-        self.codes[domain], self.tries[domain] = codes, trie
+        ids = _checked_item_ids(domain, item_ids, len(codes))
+        mean = None if embedding_mean is None else _checked_mean(domain, embedding_mean)
+        self.codes[domain], self.tries[domain], self._full_tries[domain] = codes, trie, trie
+        self._set_item_ids(domain, ids)
+        self._excluded.pop(domain, None)
+        self.means.pop(domain, None)
+        if mean is not None:
+            self.means[domain] = mean
         self.embeddings.pop(domain, None), self.unit.pop(domain, None), self.frames.pop(domain, None)
         if item_embeddings is not None:
             self._set_embeddings(domain, item_embeddings)
@@ -222,6 +276,132 @@ class Recommender:
                                   else self.unordered_domains - {domain})
         if unseen:
             self._set_frame(domain)
+
+    # -- a living catalog -----------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write everything this recommender serves from into folder ``path``, atomically: the
+        model, the tokenizer, every catalog (ids, concept IDs, removed items, what the dense channel
+        reads) and the settings (``recbase.bundle``). A non-empty folder that is not a bundle is
+        refused; files of yours inside a bundle folder are kept."""
+        from recbase.bundle import save_bundle
+
+        save_bundle(self, path)
+
+    @classmethod
+    def load(cls, path, device: str | torch.device = "cpu") -> "Recommender":
+        """The recommender :meth:`save` wrote to ``path`` (no pickle: JSON and safetensors)."""
+        from recbase.bundle import load_bundle
+
+        return load_bundle(path, device=device)
+
+    def indices_of(self, domain: str | None, item_ids) -> np.ndarray:
+        """Row indices of the given item ids (raises on an unknown id, naming it)."""
+        domain = self._domain(domain)
+        if isinstance(item_ids, (str, bytes)):
+            raise TypeError(f"item_ids: expected a list of ids, got the single string {item_ids!r}")
+        index = self._index_of[domain]
+        out = np.empty(len(item_ids), dtype=np.int64)
+        for j, i in enumerate(item_ids):
+            r = index.get(str(i))
+            if r is None:
+                raise KeyError(f"item_ids[{j}]: {str(i)!r} is not an item of the {domain!r} catalog")
+            out[j] = r
+        return out
+
+    def ids_of(self, domain: str | None, indices) -> list[str]:
+        """Item ids of row indices (-1, a padding slot, gives None)."""
+        ids = self.item_ids[self._domain(domain)]
+        return [ids[i] if i >= 0 else None for i in np.asarray(indices, dtype=np.int64).reshape(-1).tolist()]
+
+    def add_items(self, domain: str | None, item_ids, embeddings) -> np.ndarray:
+        """Add new items to a catalog from their text embeddings alone; returns their row indices.
+
+        ``embeddings``: (n, d) from the same text encoder as the catalog's, as the encoder gives
+        them (centred on the catalog's ``embedding_means`` entry when it has one). They are encoded
+        on the tokenizer's codebooks into IDs that no item of the catalog holds (removed items keep
+        theirs, so an old history still reads), the trie and the dense channel take them at once,
+        and the model is untouched. Nothing changes when an argument is refused.
+        """
+        domain = self._domain(domain)
+        if self.tokenizer is None:
+            raise ValueError("add_items needs the tokenizer whose codebooks the catalog was encoded on: "
+                             "Recommender(..., tokenizer=tok) (a saved bundle keeps it)")
+        ids = self._new_ids(domain, item_ids)
+        x = np.asarray(embeddings)
+        width = int(self.tokenizer.quantizer.dim)
+        if x.ndim != 2 or x.shape != (len(ids), width) or not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"embeddings: expected a float array of shape ({len(ids)}, {width}) (one row per "
+                             f"new item, the tokenizer's width), got {x.dtype} {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("embeddings: contains NaN or inf")
+        x = x.astype(np.float32)
+        if domain in self.means:
+            if self.means[domain].shape != (width,):
+                raise ValueError(f"embedding_means[{domain!r}]: width {self.means[domain].shape} does not match "
+                                 f"the embeddings' ({width})")
+            x = x - self.means[domain]
+            x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+        if domain in self.embeddings and self.embeddings[domain].shape[1] != width:
+            raise ValueError(f"embeddings: the catalog's dense channel reads width {self.embeddings[domain].shape[1]}, "
+                             f"the tokenizer {width}")
+        codes = self.tokenizer.encode(x, avoid_fitted=False, avoid=self.codes[domain])
+        start = len(self.codes[domain])
+        self._full_tries[domain] = self._trie(domain, np.concatenate([self.codes[domain], codes]))
+        self.codes[domain] = np.concatenate([self.codes[domain], codes])
+        self.item_ids[domain] = self.item_ids[domain] + ids
+        self._index_of[domain].update({i: start + r for r, i in enumerate(ids)})
+        self.removed[domain] = np.concatenate([self.removed[domain], np.zeros(len(ids), dtype=bool)])
+        if domain in self.embeddings:
+            new = torch.as_tensor(x, device=self.device)
+            self.embeddings[domain] = torch.cat([self.embeddings[domain], new])
+            self.unit[domain] = torch.cat([self.unit[domain], unit_rows(new)])
+        self._refresh_trie(domain)
+        return np.arange(start, start + len(ids))
+
+    def _new_ids(self, domain: str, item_ids) -> list[str]:
+        if isinstance(item_ids, (str, bytes)):
+            raise TypeError(f"item_ids: expected a list of ids, got the single string {item_ids!r}")
+        ids = [str(i) for i in item_ids]
+        if not ids:
+            raise ValueError("item_ids: empty (nothing to add)")
+        seen: set = set()
+        for j, i in enumerate(ids):
+            if i in seen:
+                raise ValueError(f"item_ids[{j}]: {i!r} is given twice")
+            seen.add(i)
+            r = self._index_of[domain].get(i)
+            if r is not None:
+                state = "removed; ids are never reused" if self.removed[domain][r] else "in the catalog"
+                raise ValueError(f"item_ids[{j}]: {i!r} is already an item of the {domain!r} catalog ({state})")
+        return ids
+
+    def remove_items(self, domain: str | None, item_ids) -> np.ndarray:
+        """Take items out of a catalog at once: no later call returns them (beam search, dense
+        top-N, hybrid) and scoring them is refused; their IDs stay reserved, so histories that hold
+        them still read. Returns their row indices. Nothing changes when an argument is refused."""
+        domain = self._domain(domain)
+        rows = self.indices_of(domain, item_ids)
+        removed = self.removed[domain]
+        gone = rows[removed[rows]]
+        if len(gone):
+            raise ValueError(f"item_ids: {self.item_ids[domain][gone[0]]!r} was removed already")
+        if len(np.unique(rows)) != len(rows):
+            raise ValueError("item_ids: an id is given twice")
+        if int((~removed).sum()) - len(rows) < 1:
+            raise ValueError(f"item_ids: removing them would leave the {domain!r} catalog empty")
+        removed = removed.copy()
+        removed[rows] = True
+        self.removed[domain] = removed
+        self._refresh_trie(domain)
+        return rows
+
+    def _refresh_trie(self, domain: str) -> None:
+        removed = self.removed[domain]
+        full = self._full_tries[domain]
+        self.tries[domain] = full.subset(np.flatnonzero(~removed)) if removed.any() else full
+        self._excluded.pop(domain, None)
+        if removed.any():
+            self._excluded[domain] = torch.as_tensor(removed)
 
     def _domain(self, domain: str | None) -> str:
         if domain is None:
@@ -319,6 +499,54 @@ class Recommender:
                 scores_out[s + j, sel] = scores[sel]
         return items_out, scores_out
 
+    def recommend_frame(self, histories, k: int = 10, domain: str | None = None, *, user_col: str = "user_id",
+                        item_col: str = "item_id", time_col: str | None = None, num_beams: int = 20,
+                        exclude_history: bool = True, mode: str | None = None, batch_size: int = 64,
+                        progress: bool = True):
+        """Batch recommendation for pipelines: ``histories`` is a DataFrame of interaction rows
+        (``user_col``, ``item_col`` and, to order each history, ``time_col``; without it the rows'
+        order is the history's order). Returns a DataFrame ``(user_id, rank, item_id, score)``: ``k``
+        rows per user (fewer when the catalog has fewer live items), rank 1 first, users in order
+        of first appearance. Item ids are this catalog's (``item_ids``); an unknown one is refused."""
+        import pandas as pd
+        from tqdm.auto import tqdm
+
+        domain = self._domain(domain)
+        if not isinstance(histories, pd.DataFrame):
+            raise TypeError(f"histories: expected a pandas DataFrame, got {type(histories).__name__}")
+        cols = [c for c in (user_col, item_col, time_col) if c is not None]
+        missing = [c for c in cols if c not in histories.columns]
+        if missing:
+            raise ValueError(f"histories: no column {missing[0]!r} (columns: {list(histories.columns)})")
+        if k < 1:
+            raise ValueError(f"k: expected >= 1, got {k}")
+        frame = histories[cols]
+        if time_col is not None:
+            frame = frame.sort_values(time_col, kind="stable")
+        index = self._index_of[domain]
+        rows = frame[item_col].astype(str).map(index)
+        if rows.isna().any():
+            bad = frame[item_col][rows.isna()]
+            raise ValueError(f"histories: {int(rows.isna().sum())} row(s) name an item that is not in the {domain!r} "
+                             f"catalog, e.g. {str(bad.iloc[0])!r}")
+        users = pd.unique(histories[user_col])
+        grouped = dict(tuple(pd.DataFrame({"u": frame[user_col].to_numpy(), "r": rows.to_numpy(np.int64)})
+                             .groupby("u", sort=False)["r"]))
+        hists = [grouped[u].to_numpy(np.int64) for u in users]
+        out_users, out_rank, out_items, out_scores = [], [], [], []
+        ids = self.item_ids[domain]
+        for s in tqdm(range(0, len(hists), batch_size), desc="recommend", disable=not progress, unit="batch"):
+            items, scores = self.recommend(hists[s:s + batch_size], k=k, domain=domain, num_beams=max(num_beams, k),
+                                           exclude_history=exclude_history, batch_size=batch_size, mode=mode)
+            for u, it, sc in zip(users[s:s + batch_size], items, scores):
+                kept = it >= 0
+                out_users.extend([u] * int(kept.sum()))
+                out_rank.extend(range(1, int(kept.sum()) + 1))
+                out_items.extend(ids[i] for i in it[kept].tolist())
+                out_scores.extend(sc[kept].tolist())
+        return pd.DataFrame({"user_id": out_users, "rank": np.asarray(out_rank, dtype=np.int64),
+                             "item_id": out_items, "score": np.asarray(out_scores, dtype=np.float64)})
+
     def _ranked(self, chunk, domain, num_beams, exclude_history, mode, w):
         """Per history: (items, scores) best first, history items dropped when asked."""
         pools = self.candidate_pool(chunk, domain, num_beams, exclude_history, mode)
@@ -351,7 +579,8 @@ class Recommender:
             if mode in ("dense", "hybrid"):
                 full, hist = self._dense_reading(scorer, toks, vectors, kept, chunk, domain)
                 tau = float(self.model.dense_temperature().detach())
-                d_items, d_scores = dense_top_n(full, hist, self.unit[domain], tau, num_beams, banned=banned)
+                d_items, d_scores = dense_top_n(full, hist, self.unit[domain], tau, num_beams, banned=banned,
+                                                excluded=self._excluded.get(domain))
                 for j, (it, sc) in enumerate(zip(d_items.numpy(), d_scores.numpy())):
                     it = it[it >= 0]
                     if mode == "dense":
@@ -400,6 +629,10 @@ class Recommender:
             for b, c in enumerate(cands):
                 if len(c) and (c.min() < 0 or c.max() >= n):
                     raise ValueError(f"candidates[{s + b}]: item index out of range [0, {n})")
+                gone = c[self.removed[domain][c]]
+                if len(gone):
+                    raise ValueError(f"candidates[{s + b}]: item {self.item_ids[domain][gone[0]]!r} (index "
+                                     f"{int(gone[0])}) was removed from the {domain!r} catalog")
             toks, vectors, kept = self._prefill_inputs(histories[s:s + batch_size], domain)
             with torch.no_grad(), self._reading(domain):
                 gen = dense = None

@@ -124,6 +124,21 @@ def _group_rank(keys: np.ndarray, order_key: np.ndarray) -> tuple[np.ndarray, np
     return group, rank
 
 
+def _rows_sharing_prefix(registry: np.ndarray, keys: np.ndarray, width: int) -> np.ndarray:
+    """The rows of ``registry`` whose first ``width`` codes equal those of some row of ``keys``.
+    Vectorised (a 64-bit row hash picks candidates, an exact comparison keeps the true ones), so a
+    million-item registry costs milliseconds, not a Python loop over every row."""
+    if not len(registry) or not len(keys):
+        return registry[:0]
+    mult = np.random.default_rng(0x5EED).integers(1, 2 ** 62, size=width, dtype=np.int64) | 1
+
+    def row_hash(a):  # int64 products wrap around: a hash, not a number
+        return (a[:, :width].astype(np.int64) * mult).sum(1)
+    cand = registry[np.isin(row_hash(registry), row_hash(keys))]
+    wanted = {tuple(r) for r in keys[:, :width].tolist()}
+    return cand[np.fromiter((tuple(r) in wanted for r in cand[:, :width].tolist()), bool, len(cand))]
+
+
 class ItemTokenizer:
     """Turns item embeddings into unique concept IDs over a shared vocabulary.
 
@@ -193,20 +208,29 @@ class ItemTokenizer:
         self._report = self._health(x, semantic)
         return self
 
-    def encode(self, embeddings, avoid_fitted: bool = True) -> np.ndarray:
+    def encode(self, embeddings, avoid_fitted: bool = True, avoid=None) -> np.ndarray:
         """Unique concept IDs (N, id_length) for a catalog, reusing the fitted codebooks.
 
         Used for a new domain (zero-shot). With ``avoid_fitted`` (default), new items never
         take an ID that an item of the fitted catalog already has, so the two catalogs can
-        share one trie.
+        share one trie. ``avoid``: more (M, id_length) IDs already in use that the new items must
+        not take either (a living catalog's items, when new ones are added to it).
         """
-        return self._encode(_as_numpy_embeddings(embeddings), avoid_fitted)[1]
+        x = _as_numpy_embeddings(embeddings)
+        registry = []
+        if avoid is not None:
+            avoid = np.asarray(avoid, dtype=np.int64)
+            _check_codes(avoid, self.id_length, self.codebook_size, "avoid")
+            registry.append(avoid)
+        return self._encode(x, avoid_fitted, registry)[1]
 
-    def _encode(self, x: np.ndarray, avoid_fitted: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _encode(self, x: np.ndarray, avoid_fitted: bool, extra=()) -> tuple[np.ndarray, np.ndarray]:
         """(semantic IDs before de-duplication, unique IDs) of a catalog's embeddings."""
         self._check_fitted()
         semantic = np.asarray(self.quantizer.encode(x), dtype=np.int64)
-        return semantic, self._make_unique(x, semantic, registry=self.codes if avoid_fitted else None)
+        used = ([self.codes] if avoid_fitted else []) + list(extra)
+        registry = np.concatenate(used) if used else None
+        return semantic, self._make_unique(x, semantic, registry=registry)
 
     def for_catalog(self, embeddings) -> "ItemTokenizer":
         """A tokenizer of another catalog (a new domain) on these codebooks: same vocabulary and
@@ -248,6 +272,8 @@ class ItemTokenizer:
         group, rank = _group_rank(semantic, dist)
         extra = rank.copy()
         if registry is not None and len(registry):
+            registry = _rows_sharing_prefix(registry, semantic, semantic.shape[1])
+        if registry is not None and len(registry):
             # Codes the registry already uses under each semantic tuple: skip them.
             used: dict[tuple, set] = {}
             for row in registry:
@@ -275,6 +301,8 @@ class ItemTokenizer:
         cb = np.asarray(self.quantizer.codebooks, dtype=np.float64)
         codes = semantic.copy()
         _, rank = _group_rank(semantic, dist)
+        if registry is not None and len(registry):  # only rows under the new items' prefixes matter
+            registry = _rows_sharing_prefix(registry, semantic, self.levels - 1)
         # Codes taken under each (L-1)-prefix, by the registry and by items that keep their code.
         taken: dict[tuple, set] = {}
         rows = [codes[rank == 0]] + ([registry] if registry is not None and len(registry) else [])

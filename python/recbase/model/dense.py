@@ -52,12 +52,13 @@ def dense_user_scores(weights: torch.Tensor, history: torch.Tensor, candidates: 
 
 
 def dense_top_n(weights: torch.Tensor, history: torch.Tensor, catalog: torch.Tensor, temperature: float,
-                n: int, banned: list | None = None, block: int = 16384):
+                n: int, banned: list | None = None, block: int = 16384, excluded: torch.Tensor | None = None):
     """Exact top-``n`` catalog items by :func:`dense_user_scores` for B users, in blocks of the
     catalog (memory B x M x block, not B x M x N) with a running partial sort.
 
     weights: [B, M]; history: [B, M, d] unit rows; catalog: [N, d] unit rows; banned[b]: item
-    indices never returned for user b (its history).
+    indices never returned for user b (its history); excluded: [N] bool, items never returned
+    for anyone (taken out of the catalog).
     Returns (items [B, n] int64, scores [B, n] float32), best first; -1 / -inf pad.
     """
     b, num = weights.shape[0], catalog.shape[0]
@@ -67,6 +68,8 @@ def dense_top_n(weights: torch.Tensor, history: torch.Tensor, catalog: torch.Ten
     banned_t = [torch.as_tensor(x, dtype=torch.int64) for x in banned] if banned is not None else None
     for start in range(0, num, block):
         s = dense_user_scores(weights, history, catalog[start:start + block], temperature).cpu()
+        if excluded is not None:
+            s[:, excluded[start:start + s.shape[1]].cpu()] = float("-inf")
         if banned_t is not None:
             for u, items in enumerate(banned_t):
                 items = items[(items >= start) & (items < start + s.shape[1])] - start
