@@ -54,3 +54,20 @@ def test_repository_root_does_not_shadow_the_pypi_kernels_package():
     model = subprocess.run([sys.executable, "-c", "from recbase.model import RecBaseForCausalLM"], cwd=root,
                            capture_output=True, text=True)
     assert model.returncode == 0, model.stderr[-2000:]
+
+
+def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
+    """bench/gpu_check.sh is the one-command GPU check; on a machine without CUDA it must say so and
+    exit 0, writing nothing (on a GPU machine it is run by hand: it takes minutes)."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: run bash bench/gpu_check.sh itself")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    out = subprocess.run(["bash", str(script), str(tmp_path / "results")], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stderr
+    assert "no CUDA device here" in out.stdout and "skipped" in out.stdout
+    assert not (tmp_path / "results").exists()
