@@ -70,11 +70,12 @@ int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scor
                                   const int64_t* codes, int64_t num_nodes, int64_t B, int64_t W,
                                   int64_t K, int64_t num_beams, float* out_scores,
                                   int64_t* out_parent, int64_t* out_token, int64_t* out_state,
-                                  int64_t work_estimate) {
+                                  int64_t work_estimate, int64_t* bad_values) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  int64_t bad_codes = 0;
+  const float pos_inf = std::numeric_limits<float>::infinity();
+  int64_t bad_codes = 0, bad_lp = 0;
   // Threads only pay off (and only behave on a busy machine) when there is real work.
-#pragma omp parallel reduction(+ : bad_codes) if (work_estimate > 16384 && B > 1)
+#pragma omp parallel reduction(+ : bad_codes, bad_lp) if (work_estimate > 16384 && B > 1)
   {
     // Per user: gather every valid child's score (and key w * K + code) into one buffer that
     // stays in cache, then select the best num_beams from it.
@@ -114,6 +115,7 @@ int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scor
           int64_t m = 0;
           for (int64_t j = 0; j < count; ++j) {
             if (cc[j] < 0 || cc[j] >= K) { ++bad_codes; continue; }
+            bad_lp += std::isnan(row[cc[j]]) || row[cc[j]] == pos_inf;
             const float x = base + row[cc[j]];
             v[m] = std::isnan(x) ? neg_inf : x;
             k[m++] = key0 + static_cast<uint32_t>(cc[j]);
@@ -121,11 +123,15 @@ int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scor
           n += m;
           continue;
         }
+        int64_t bad_here = 0;
         for (int64_t j = 0; j < count; ++j) {
-          const float x = base + row[cc[j]];
+          const float lp = row[cc[j]];
+          bad_here += std::isnan(lp) || lp == pos_inf;
+          const float x = base + lp;
           v[j] = std::isnan(x) ? neg_inf : x;  // NaN ranks as -inf
           k[j] = key0 + static_cast<uint32_t>(cc[j]);
         }
+        bad_lp += bad_here;
         n += count;
       }
       if (best.size() < n) best.resize(n);
@@ -157,69 +163,112 @@ int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scor
       }
     }
   }
+  if (bad_values) *bad_values = bad_lp;
   return bad_codes;
 }
+
+namespace {
+struct StepResult {
+  py::array_t<float> scores;
+  py::array_t<int64_t> parent, token, state;
+  int64_t width = 0;  // beams per user of the input (W)
+  int64_t bad_values = 0;
+};
+
+// Validates the CPU arrays (before any memory is read through them), runs the step without the
+// GIL, and refuses child codes outside [0, K).
+StepResult run_step_cpu(const py::handle& lp_obj, const py::handle& sc_obj, const py::handle& st_obj,
+                        const py::handle& off_obj, const py::handle& codes_obj, int64_t num_beams) {
+  auto log_probs = checked<float>(lp_obj, "log_probs", 2);
+  auto scores = checked<float>(sc_obj, "beam_scores", 2);
+  auto states = checked<int64_t>(st_obj, "states", 2);
+  auto offsets = checked<int64_t>(off_obj, "offsets", 1);
+  auto codes = checked<int64_t>(codes_obj, "codes", 1);
+  const int64_t B = scores.shape(0), W = scores.shape(1), K = log_probs.shape(1);
+  const int64_t n = codes.shape(0);
+  if (num_beams < 1) fail("num_beams: expected >= 1, got " + std::to_string(num_beams));
+  if (W * K >= (int64_t{1} << 32))  // candidate keys w * K + code are 32-bit
+    fail("beam_scores/log_probs: beams * codebook size must be < 2^32, got " +
+         std::to_string(W) + " * " + std::to_string(K));
+  if (states.shape(0) != B || states.shape(1) != W)
+    fail("states: expected shape " + shape_str(scores) + " (like beam_scores), got " +
+         shape_str(states));
+  if (log_probs.shape(0) != B * W)
+    fail("log_probs: expected " + std::to_string(B * W) + " rows (batch * beams), got " +
+         shape_str(log_probs));
+  if (offsets.shape(0) != n + 1)
+    fail("offsets: expected length len(codes) + 1 = " + std::to_string(n + 1) + ", got " +
+         std::to_string(offsets.shape(0)));
+  const int64_t* st = states.data();
+  const int64_t* off = offsets.data();
+  const int64_t* cd = codes.data();
+  int64_t work = 0;
+  for (int64_t i = 0; i < B * W; ++i) {
+    const int64_t s = st[i];
+    if (s < -1 || s >= n)
+      fail("states: node " + std::to_string(s) + " outside [-1, num_nodes=" + std::to_string(n) +
+           "): states from another trie?");
+    if (s < 0) continue;
+    if (off[s] < 0 || off[s] > off[s + 1] || off[s + 1] > n)
+      fail("offsets: malformed children range of node " + std::to_string(s));
+    work += off[s + 1] - off[s];
+  }
+  StepResult r{py::array_t<float>({B, num_beams}), py::array_t<int64_t>({B, num_beams}),
+               py::array_t<int64_t>({B, num_beams}), py::array_t<int64_t>({B, num_beams}), W};
+  float* os = r.scores.mutable_data();
+  int64_t* op = r.parent.mutable_data();
+  int64_t* ot = r.token.mutable_data();
+  int64_t* ox = r.state.mutable_data();
+  int64_t bad_codes;
+  {
+    py::gil_scoped_release release;
+    bad_codes = constrained_beam_step_cpu(log_probs.data(), scores.data(), st, off, cd, n, B, W, K,
+                                          num_beams, os, op, ot, ox, work, &r.bad_values);
+  }
+  if (bad_codes)
+    fail("codes: " + std::to_string(bad_codes) + " child codes outside [0, K=" + std::to_string(K) +
+         ") (log_probs width): trie of another codebook?");
+  return r;
+}
+}  // namespace
 
 void bind_beam(py::module_& m) {
   m.def(
       "constrained_beam_step",
-      [](const py::handle& lp_obj, const py::handle& sc_obj, const py::handle& st_obj,
-         const py::handle& off_obj, const py::handle& codes_obj, int64_t num_beams) {
-        auto log_probs = checked<float>(lp_obj, "log_probs", 2);
-        auto scores = checked<float>(sc_obj, "beam_scores", 2);
-        auto states = checked<int64_t>(st_obj, "states", 2);
-        auto offsets = checked<int64_t>(off_obj, "offsets", 1);
-        auto codes = checked<int64_t>(codes_obj, "codes", 1);
-        const int64_t B = scores.shape(0), W = scores.shape(1), K = log_probs.shape(1);
-        const int64_t n = codes.shape(0);
-        if (num_beams < 1) fail("num_beams: expected >= 1, got " + std::to_string(num_beams));
-        if (W * K >= (int64_t{1} << 32))  // candidate keys w * K + code are 32-bit
-          fail("beam_scores/log_probs: beams * codebook size must be < 2^32, got " +
-               std::to_string(W) + " * " + std::to_string(K));
-        if (states.shape(0) != B || states.shape(1) != W)
-          fail("states: expected shape " + shape_str(scores) + " (like beam_scores), got " +
-               shape_str(states));
-        if (log_probs.shape(0) != B * W)
-          fail("log_probs: expected " + std::to_string(B * W) + " rows (batch * beams), got " +
-               shape_str(log_probs));
-        if (offsets.shape(0) != n + 1)
-          fail("offsets: expected length len(codes) + 1 = " + std::to_string(n + 1) + ", got " +
-               std::to_string(offsets.shape(0)));
-        const int64_t* st = states.data();
-        const int64_t* off = offsets.data();
-        const int64_t* cd = codes.data();
-        int64_t work = 0;
-        for (int64_t i = 0; i < B * W; ++i) {
-          const int64_t s = st[i];
-          if (s < -1 || s >= n)
-            fail("states: node " + std::to_string(s) + " outside [-1, num_nodes=" +
-                 std::to_string(n) + "): states from another trie?");
-          if (s < 0) continue;
-          if (off[s] < 0 || off[s] > off[s + 1] || off[s + 1] > n)
-            fail("offsets: malformed children range of node " + std::to_string(s));
-          work += off[s + 1] - off[s];
-        }
-        py::array_t<float> out_scores({B, num_beams});
-        py::array_t<int64_t> out_parent({B, num_beams}), out_token({B, num_beams}),
-            out_state({B, num_beams});
-        float* os = out_scores.mutable_data();
-        int64_t* op = out_parent.mutable_data();
-        int64_t* ot = out_token.mutable_data();
-        int64_t* ox = out_state.mutable_data();
-        int64_t bad_codes;
-        {
-          py::gil_scoped_release release;
-          bad_codes = constrained_beam_step_cpu(log_probs.data(), scores.data(), st, off, cd, n,
-                                                B, W, K, num_beams, os, op, ot, ox, work);
-        }
-        if (bad_codes)
-          fail("codes: " + std::to_string(bad_codes) + " child codes outside [0, K=" +
-               std::to_string(K) + ") (log_probs width): trie of another codebook?");
-        return py::make_tuple(out_scores, out_parent, out_token, out_state);
+      [](const py::handle& lp, const py::handle& sc, const py::handle& st, const py::handle& off,
+         const py::handle& codes, int64_t num_beams) {
+        StepResult r = run_step_cpu(lp, sc, st, off, codes, num_beams);
+        return py::make_tuple(r.scores, r.parent, r.token, r.state);
       },
       py::arg("log_probs"), py::arg("beam_scores"), py::arg("states"), py::arg("offsets"),
       py::arg("codes"), py::arg("num_beams"),
       "One trie-constrained beam step on CPU arrays; returns (scores, parent, token, state).");
+  m.def(
+      "beam_search_level",
+      [](const py::handle& lp, const py::handle& sc, const py::handle& st, const py::handle& off,
+         const py::handle& codes, int64_t num_beams) {
+        // One level of the search driver: the step, then the bookkeeping the next level needs --
+        // each new beam's parent row (b * W + parent; a dead slot points at its user's first row)
+        // and its token (0 for a dead slot), so no tensor work runs between native calls.
+        StepResult r = run_step_cpu(lp, sc, st, off, codes, num_beams);
+        const int64_t B = r.scores.shape(0), W = r.width;
+        py::array_t<int64_t> rows(B * num_beams), tokens(B * num_beams);
+        const int64_t* parent = r.parent.data();
+        const int64_t* token = r.token.data();
+        int64_t* ro = rows.mutable_data();
+        int64_t* to = tokens.mutable_data();
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t j = 0; j < num_beams; ++j) {
+            const int64_t i = b * num_beams + j;
+            ro[i] = b * W + std::max<int64_t>(parent[i], 0);
+            to[i] = std::max<int64_t>(token[i], 0);
+          }
+        return py::make_tuple(r.scores, rows, tokens, r.state, r.bad_values);
+      },
+      py::arg("log_probs"), py::arg("beam_scores"), py::arg("states"), py::arg("offsets"),
+      py::arg("codes"), py::arg("num_beams"),
+      "One level of the CPU beam-search driver: (scores, parent rows, tokens, states, number of "
+      "NaN / +inf log-probs among the candidates).");
 #ifdef RECBASE_WITH_CUDA
   m.def(
       "constrained_beam_step_cuda",

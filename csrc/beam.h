@@ -14,13 +14,15 @@ namespace recbase {
 
 // CPU: threads over users when work_estimate (total children of live states) is large.
 // States must lie in [-1, num_nodes) with in-range offsets (checked by the caller); child codes
-// outside [0, K) are skipped and counted: the return value (0 = ok).
+// outside [0, K) are skipped and counted: the return value (0 = ok). With `bad_values`, the
+// candidates' log-probs that are NaN or +inf (a broken model) are counted there.
 int64_t constrained_beam_step_cpu(const float* log_probs, const float* beam_scores,
                                   const int64_t* states, const int64_t* offsets,
                                   const int64_t* codes, int64_t num_nodes, int64_t batch,
                                   int64_t width, int64_t codebook_size, int64_t num_beams,
                                   float* out_scores, int64_t* out_parent, int64_t* out_token,
-                                  int64_t* out_state, int64_t work_estimate);
+                                  int64_t* out_state, int64_t work_estimate,
+                                  int64_t* bad_values = nullptr);
 
 #ifdef RECBASE_WITH_CUDA
 // CUDA: one thread block per user; all pointers are device pointers; `stream` is a cudaStream_t.

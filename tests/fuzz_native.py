@@ -122,6 +122,14 @@ def check_beam(args, out):
     assert np.isfinite(scores[scores > -np.inf]).all()
 
 
+def check_level(args, out):
+    check_beam(args, out)
+    scores, rows, tokens, states, bad = out
+    b, w = np.asarray(args[1]).shape
+    assert rows.shape == tokens.shape == (scores.size,) and bad >= 0
+    assert ((rows >= 0) & (rows < max(b * w, 1))).all() and (tokens >= 0).all()
+
+
 def check_trie(args, trie):
     assert trie.num_items >= 0 and trie.num_nodes >= 1
 
@@ -213,6 +221,7 @@ def main():
     run("rq_decode", decode_args(), C.rq_decode, check_decode)
     run("kmeans", kmeans_args(), C.kmeans, check_kmeans)
     run("constrained_beam_step", beam_args(), C.constrained_beam_step, check_beam)
+    run("beam_search_level", beam_args(), C.beam_search_level, check_level)
     run("ConceptTrie.from_arrays", from_arrays_args(), C.ConceptTrie.from_arrays, check_trie)
     run("ConceptTrie.build", build_args(), C.ConceptTrie.build, check_trie)
     run("ConceptTrie methods", method_args(), trie_method, check_none)

@@ -20,7 +20,8 @@ def test_native_entry_points_survive_arbitrary_inputs():
     assert out.returncode == 0, f"rc {out.returncode} (negative: killed by that signal) at {last}\n{out.stderr[-3000:]}"
     tallies = dict(re.findall(r"^(.+): ok=(\d+) refused=\d+$", out.stdout, re.M))
     refused = dict(re.findall(r"^(.+): ok=\d+ refused=(\d+)$", out.stdout, re.M))
-    assert set(tallies) == {"rq_encode", "rq_decode", "kmeans", "constrained_beam_step", "ConceptTrie.from_arrays",
+    assert set(tallies) == {"rq_encode", "rq_decode", "kmeans", "constrained_beam_step", "beam_search_level",
+                            "ConceptTrie.from_arrays",
                             "ConceptTrie.build", "ConceptTrie methods"}, out.stdout
     for name in tallies:  # both valid calls (the kernels ran) and refused ones (the checks ran)
         assert int(tallies[name]) > 0 and int(refused[name]) > 0, (name, out.stdout)

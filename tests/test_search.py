@@ -104,6 +104,24 @@ def test_beam_search_small_beams_valid_distinct_and_scored(catalog):
         assert scs[0].item() <= best[0] + 1e-5
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_native_cpu_driver_equals_the_tensor_op_driver(seed, monkeypatch):
+    """The CPU search driver (one native call per level: step + parent rows + tokens) returns
+    exactly what the tensor-op driver (the one CUDA runs) returns, dead beams and padding included."""
+    from recbase import search
+
+    rng = np.random.default_rng(seed)
+    K, L = int(rng.integers(2, 9)), int(rng.integers(1, 5))
+    n = int(rng.integers(1, min(60, K ** L) + 1))
+    trie = ConceptTrie(random_codes(rng, n, L, K), codebook_size=K)
+    B, W = int(rng.integers(1, 5)), int(rng.integers(1, 12))
+    k = int(rng.integers(1, W + 1))
+    got = beam_search(make_scorer(K), trie, histories=B, num_beams=W, k=k)
+    monkeypatch.setattr(search, "_NATIVE_CPU_DRIVER", False)
+    ref = beam_search(make_scorer(K), trie, histories=B, num_beams=W, k=k)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
 def test_fewer_items_than_k_are_padded():
     trie = ConceptTrie(np.array([[0, 1], [2, 0]]), codebook_size=3)
     items, scores = beam_search(make_scorer(3), trie, histories=2, num_beams=5, k=4)
@@ -413,10 +431,20 @@ def test_nan_log_probs_raise_naming_the_level_and_beams_are_capped_at_the_catalo
         def scorer(users, prefixes, lvl=bad_level):
             lp = torch.log_softmax(torch.randn(len(users), K, generator=torch.Generator().manual_seed(0)), -1)
             if prefixes.shape[1] == lvl:
-                lp[0, 1] = float("nan")
+                lp[0, :] = float("nan")  # row 0 is a live beam: every child of its state is NaN
             return lp
-        with pytest.raises(ValueError, match=f"log_probs at level {bad_level} hold 1 NaN"):
+        want = trie.children(0)[0].size if bad_level == 0 else 1
+        with pytest.raises(ValueError, match=f"log_probs at level {bad_level} hold ([1-9][0-9]*) NaN or \\+inf") as err:
             beam_search(scorer, trie, histories=2, num_beams=8, k=3)
+        assert int(str(err.value).split(" hold ")[1].split()[0]) >= want
+        # +inf (a broken softmax) is refused the same way; -inf (a masked code) is not
+        def scorer_inf(users, prefixes, lvl=bad_level):
+            lp = torch.log_softmax(torch.randn(len(users), K, generator=torch.Generator().manual_seed(0)), -1)
+            if prefixes.shape[1] == lvl:
+                lp[0, :] = float("inf")
+            return lp
+        with pytest.raises(ValueError, match="NaN or \\+inf"):
+            beam_search(scorer_inf, trie, histories=2, num_beams=8, k=3)
     # 10^9 beams on a 45-item catalog: exhaustive at 45, same answer, no giant allocation
     items, scores = beam_search(make_scorer(K), trie, histories=2, num_beams=10**9, k=5)
     ref, _ = beam_search(make_scorer(K), trie, histories=2, num_beams=45, k=5)

@@ -41,16 +41,50 @@ PAD, BOS, EOS, MASK = 0, 1, 2, 3
 NUM_SPECIALS = 4
 
 
-def _check_log_probs(lp: torch.Tensor, rows: int, K: int, level: int) -> torch.Tensor:
+def _check_log_probs_shape(lp: torch.Tensor, rows: int, K: int, level: int) -> torch.Tensor:
     if not isinstance(lp, torch.Tensor) or lp.dim() != 2 or lp.shape[0] != rows or lp.shape[1] != K:
         shape = tuple(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__
         raise ValueError(f"model: expected log_probs of shape ({rows}, {K}) at level {level} "
                          f"(rows x trie.codebook_size), got {shape}")
-    bad = torch.isnan(lp) | (lp == float("inf"))  # -inf is a masked code; NaN / +inf is a broken model
-    if bool(bad.any()):
-        raise ValueError(f"model: log_probs at level {level} hold {int(bad.sum())} NaN or +inf value(s) "
-                         "(a diverged or corrupt model); refusing to rank by them")
     return lp
+
+
+def _refuse_bad_log_probs(count: int, level: int, where: str = "") -> None:
+    if count:  # -inf is a masked code; NaN / +inf is a broken model
+        raise ValueError(f"model: log_probs at level {level} hold {count} NaN or +inf value(s){where} "
+                         "(a diverged or corrupt model); refusing to rank by them")
+
+
+def _check_log_probs(lp: torch.Tensor, rows: int, K: int, level: int) -> torch.Tensor:
+    _check_log_probs_shape(lp, rows, K, level)
+    _refuse_bad_log_probs(int((torch.isnan(lp) | (lp == float("inf"))).sum()), level)
+    return lp
+
+
+_NATIVE_CPU_DRIVER = True  # False: the tensor-op driver (the one CUDA uses) also on CPU (tests)
+
+
+def _native_search(proto, state, lp, tt, B: int, L: int, K: int, num_beams: int):
+    """The CPU search driver: one native call per level steps, accumulates and computes the next
+    level's parent rows and tokens (``C.beam_search_level``), and checks the log-probs the step
+    reads for NaN / +inf, so no tensor work runs between the model's calls."""
+    from recbase._native import C
+
+    offsets, codes = tt.offsets.numpy(), tt.codes.numpy()
+    scores = np.zeros((B, 1), dtype=np.float32)
+    states = np.zeros((B, 1), dtype=np.int64)
+    for level in range(L):
+        lp_np = lp.detach().to(torch.float32).contiguous().numpy()
+        scores, rows, tokens, states, bad = C.beam_search_level(lp_np, scores, states, offsets, codes, num_beams)
+        _refuse_bad_log_probs(bad, level, " among the catalog's codes")
+        if level == L - 1:
+            break
+        state = proto.select_generation(state, torch.from_numpy(rows))
+        state, lp = proto.step_generation(state, torch.from_numpy(tokens), level)
+        _check_log_probs_shape(lp, B * num_beams, K, level + 1)
+        if lp.device.type != "cpu":
+            raise ValueError(f"model: log_probs moved to {lp.device} at level {level + 1} (the search runs on cpu)")
+    return torch.from_numpy(scores), torch.from_numpy(states)
 
 
 class HFConceptLM:
@@ -215,8 +249,12 @@ def beam_search(model, trie: ConceptTrie, histories=None, num_beams: int = 20, k
             raise ValueError("histories: empty batch")
 
     state, lp = proto.start_generation(histories)
+    dev = lp.device if isinstance(lp, torch.Tensor) else None
+    if dev is not None and dev.type == "cpu" and _NATIVE_CPU_DRIVER:
+        _check_log_probs_shape(lp, B, K, 0)
+        beam_scores, states = _native_search(proto, state, lp, trie.tensors(dev), B, L, K, num_beams)
+        return trie.items_of(states[:, :k]), beam_scores[:, :k]
     _check_log_probs(lp, B, K, 0)
-    dev = lp.device
     tt = trie.tensors(dev)
     beam_scores = torch.zeros((B, 1), dtype=torch.float32, device=dev)
     states = torch.zeros((B, 1), dtype=torch.long, device=dev)
