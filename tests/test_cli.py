@@ -488,3 +488,42 @@ def test_cli_bundle_serves_batch_recommendations_and_evaluates(tmp_path, capsys)
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err, err
     assert not (tmp_path / "bad.parquet").exists()
+
+    # a living catalog from the command line: new items from their text alone, an item taken out
+    new = pd.DataFrame({"item_id": ["n0", "n1"], "title": ["Brand new film", "Another new film"],
+                        "genres": ["Drama", "Comedy"]})
+    new.to_csv(tmp_path / "new.csv", index=False)
+    assert main(["catalog", "--bundle", str(bundle), "--add", str(tmp_path / "new.csv"), "--remove", "m3"]) == 0
+    assert "42 items (41 live)" in capsys.readouterr().out
+    from recbase.recommend import Recommender
+    from recbase.data import TextEncoder
+    from recbase.data.text import render_items
+    from recbase.tokenizer import centre_embeddings
+
+    rec = Recommender.load(bundle)
+    assert rec.item_ids["movies"][-2:] == ["n0", "n1"] and rec.removed["movies"].sum() == 1
+    # the new items were read like the catalog's: their text, the same template and encoder, the
+    # catalog's centring (on the old items' mean), then unit length
+    old_raw = TextEncoder().encode(render_items(items, _template_for_test()))
+    new_raw = TextEncoder().encode(render_items(new, _template_for_test()))
+    np.testing.assert_allclose(rec.embeddings["movies"][:40].numpy(), centre_embeddings(old_raw), atol=1e-5)
+    want = (new_raw - old_raw.mean(0)) / np.linalg.norm(new_raw - old_raw.mean(0), axis=1, keepdims=True)
+    np.testing.assert_allclose(rec.embeddings["movies"][-2:].numpy(), want, atol=1e-5)
+    assert main(["recommend", "--bundle", str(bundle), "--histories", str(tmp_path / "hist.csv"), "-k", "40",
+                 "--output", str(tmp_path / "all.csv")]) == 0
+    recs = pd.read_csv(tmp_path / "all.csv", dtype={"item_id": str})
+    assert "m3" not in set(recs.item_id)  # removed: never returned
+    for argv, msg in ((["catalog", "--bundle", str(bundle), "--add", str(tmp_path / "new.csv")],
+                       "'n0' is already an item"),
+                      (["catalog", "--bundle", str(bundle), "--remove", "nope"], "'nope' is not an item"),
+                      (["catalog", "--bundle", str(bundle)], "give --add")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+    assert len(Recommender.load(bundle).item_ids["movies"]) == 42  # refused calls wrote nothing
+
+
+def _template_for_test():
+    from recbase.data.text import ItemTemplate
+
+    return ItemTemplate("movie", {"Title": "title", "Genres": "genres"})

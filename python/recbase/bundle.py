@@ -53,7 +53,8 @@ def save_bundle(rec, path: str | os.PathLike) -> None:
             save_file(arrays, str(tmp / "catalogs" / f"{k}.safetensors"))
             (tmp / "catalogs" / f"{k}.ids.json").write_text(json.dumps(rec.item_ids[name]))
             domains.append({"name": name, "items": len(rec.codes[name]), "unseen": name in rec.unseen_domains,
-                            "unordered": name in rec.unordered_domains, "arrays": sorted(arrays)})
+                            "unordered": name in rec.unordered_domains, "arrays": sorted(arrays),
+                            "text": rec.text_settings.get(name)})
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "recbase_version": __version__,
                 "max_items": rec.max_items, "unseen_frame": rec.unseen_frame,
                 "tokenizer": rec.tokenizer is not None, "domains": domains}
@@ -127,13 +128,14 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu"):
             if key in arrays:
                 into[name] = arrays[key]
     unseen = [n for d, n in zip(domains, names) if d.get("unseen")]
+    text = {n: d["text"] for d, n in zip(domains, names) if isinstance(d.get("text"), dict)}
     unordered = [n for d, n in zip(domains, names) if d.get("unordered")]
     # the window the bundle was saved with (Recommender keeps max_items - 1 history items)
     max_items = None if meta.get("max_items") is None else int(meta["max_items"]) + 1
     rec = Recommender(model, _vocab(model), codes, max_items=max_items, device=device,
                       unseen_domains=unseen, item_embeddings=embeddings or None,
                       unseen_frame="identity", unordered_domains=unordered, item_ids=ids,
-                      tokenizer=tokenizer, embedding_means=means or None)
+                      tokenizer=tokenizer, embedding_means=means or None, text_settings=text or None)
     rec.unseen_frame = str(meta.get("unseen_frame", "identity"))
     for name, frame in frames.items():  # as saved: a frame is not re-derived from a grown catalog
         rec.frames[name] = torch.as_tensor(frame).to(rec.device)

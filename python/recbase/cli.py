@@ -14,6 +14,7 @@
     recbase bundle    --tokenizer DIR --model DIR --output B   one folder that serving loads
     recbase recommend --bundle B --histories H.parquet --output recs.parquet   batch, for pipelines
     recbase evaluate  --bundle B --interactions X
+    recbase catalog   --bundle B [--add NEW_ITEMS.csv] [--remove ID ...]   a living catalog, in place
 
 Zero-shot in a new domain: pretrain with ``--content-rotation-rate 0.5`` (the demo adds
 ``--recent-pass-epochs 1``: one unrotated pass over each user's latest items), tokenize the new
@@ -123,6 +124,10 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     out = Path(args.output)
     tok.save(out)
     _write_atomic(out / "item_ids.json", json.dumps(items["item_id"].astype(str).tolist()).encode())
+    # how this catalog's text became vectors: what `recbase catalog --add` does for new items
+    text = None if args.embeddings else {"domain": args.domain, "fields": args.fields,
+                                         "encoder": args.encoder or DEFAULT_MODEL}
+    _write_atomic(out / "text.json", json.dumps(text).encode())
     for name, array in (("embeddings.npy", emb), ("embedding_mean.npy", mean.astype(np.float32))):
         buf = io.BytesIO()
         np.save(buf, array)
@@ -458,11 +463,14 @@ def _files_recommender(args, tok, index, domain):
     _check_pairing(model, tok, index, args)
     mean_file = Path(args.tokenizer) / "embedding_mean.npy"
     mean = {domain: _load_vector(mean_file)} if mean_file.is_file() else None
+    text_file = Path(args.tokenizer) / "text.json"
+    text = json.loads(text_file.read_text()) if text_file.is_file() else None
     return Recommender(model, tok.vocab, {domain: tok.codes}, device=args.device,
                        unseen_domains=[domain] if args.unseen else [],
                        unordered_domains=[domain] if args.unordered else [],
                        item_embeddings=_dense_embeddings(args, model, tok, domain),
-                       item_ids={domain: [str(i) for i in index.ids]}, tokenizer=tok, embedding_means=mean)
+                       item_ids={domain: [str(i) for i in index.ids]}, tokenizer=tok, embedding_means=mean,
+                       text_settings={domain: text} if isinstance(text, dict) else None)
 
 
 def _load_vector(path: Path):
@@ -545,6 +553,47 @@ def _recommend_file(rec, domain, args, beams) -> int:
         else:
             recs.to_parquet(tmp, index=False)
     print(f"{len(recs)} recommendations for {recs['user_id'].nunique()} users -> {out}")
+    return 0
+
+
+def _cmd_catalog(args: argparse.Namespace) -> int:
+    """Items in and out of a bundle's catalog, in place (Recommender.add_items / remove_items)."""
+    import numpy as np
+
+    from recbase import datasets
+    from recbase.recommend import Recommender
+
+    if not (args.add or args.remove):
+        raise ValueError("give --add ITEMS_FILE and/or --remove ID [ID ...]")
+    rec = Recommender.load(args.bundle)
+    domain = rec._domain(args.domain if args.domain in rec.codes or len(rec.codes) > 1 else None)
+    if args.remove:
+        rec.remove_items(domain, args.remove)
+    if args.add:
+        csv = {} if str(args.add).lower().endswith((".parquet", ".pq")) else {"dtype": {"item_id": str},
+                                                                              "keep_default_na": False}
+        items = datasets._read_table(args.add, "add", **csv)
+        if "item_id" not in items.columns:
+            raise ValueError(f"--add: {args.add} has no item_id column (got {list(items.columns)})")
+        if args.embeddings:
+            emb = _load_embeddings(args.embeddings, len(items))
+        else:
+            text = rec.text_settings.get(domain)
+            if not text:
+                raise ValueError(f"--add: the {domain!r} catalog was tokenized from your own vectors (no text "
+                                 "settings in the bundle): give the new items' vectors with --embeddings")
+            from recbase.data import TextEncoder
+            from recbase.data.text import render_items
+
+            emb = TextEncoder(text["encoder"], device="cpu").encode(
+                render_items(items, _template(text["domain"], text["fields"])))
+        try:
+            rec.add_items(domain, items["item_id"].astype(str).str.strip().tolist(), np.asarray(emb))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"--add: {exc}") from exc
+    rec.save(args.bundle)
+    live = int((~rec.removed[domain]).sum())
+    print(f"{domain}: {len(rec.codes[domain])} items ({live} live) -> {args.bundle}")
     return 0
 
 
@@ -714,6 +763,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--output", required=True, help="the bundle folder")
     s.set_defaults(func=_cmd_bundle)
+
+    s = sub.add_parser("catalog", help="add items (from their text) to, or remove items from, a bundle's catalog")
+    s.add_argument("--bundle", required=True, help="the bundle folder (updated in place, atomically)")
+    s.add_argument("--domain", default=None, help="which catalog (needed when the bundle has several)")
+    s.add_argument("--add", default=None, help="CSV/Parquet of new items: item_id + the catalog's text fields")
+    s.add_argument("--embeddings", default=None, help="with --add: a .npy of the new items' vectors instead of their text")
+    s.add_argument("--remove", nargs="+", default=None, help="item ids to take out (never recommended again)")
+    s.set_defaults(func=_cmd_catalog)
     return p
 
 

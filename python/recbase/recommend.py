@@ -148,7 +148,9 @@ class Recommender:
     ``"0"``, ``"1"``, ...); with the ``tokenizer`` whose codebooks the catalogs were encoded on,
     :meth:`add_items` encodes new items (text embeddings only) and :meth:`remove_items` takes items
     out; ``embedding_means`` maps a domain to the mean its embeddings were centred on
-    (``centre_embeddings``), so that new items' raw embeddings are centred the same way.
+    (``centre_embeddings``), so that new items' raw embeddings are centred the same way;
+    ``text_settings`` maps a domain to how its item text became vectors (``{"domain", "fields",
+    "encoder"}``, written by ``recbase tokenize``; what ``recbase catalog --add`` renders and encodes).
     :meth:`save` / :meth:`load` keep all of it in one folder.
     """
 
@@ -156,7 +158,8 @@ class Recommender:
                  max_items: int | None = None, device: str | torch.device = "cpu",
                  unseen_domains: Sequence[str] = (), item_embeddings: dict | None = None,
                  unseen_frame: str = "identity", unordered_domains: Sequence[str] = (),
-                 item_ids: dict | None = None, tokenizer=None, embedding_means: dict | None = None):
+                 item_ids: dict | None = None, tokenizer=None, embedding_means: dict | None = None,
+                 text_settings: dict | None = None):
         if not catalogs:
             raise ValueError("catalogs: need at least one domain")
         unknown = sorted(set(unseen_domains) - set(catalogs))
@@ -182,11 +185,13 @@ class Recommender:
         self._full_tries = dict(self.tries)  # every item's ID; ``tries`` leaves removed items out
         self._excluded: dict[str, torch.Tensor] = {}  # [N] bool of removed items, per domain with any
         self.tokenizer = tokenizer
-        for name, given in (("item_ids", item_ids), ("embedding_means", embedding_means)):
+        for name, given in (("item_ids", item_ids), ("embedding_means", embedding_means),
+                            ("text_settings", text_settings)):
             unknown = sorted(set(given or {}) - set(self.codes))
             if unknown:
                 raise ValueError(f"{name}: {unknown} not among the catalogs {sorted(self.codes)}")
         self.item_ids, self._index_of, self.removed, self.means = {}, {}, {}, {}
+        self.text_settings = {d: dict(t) for d, t in (text_settings or {}).items() if t}
         for d in self.codes:
             self._set_item_ids(d, _checked_item_ids(d, (item_ids or {}).get(d), len(self.codes[d])))
             if (embedding_means or {}).get(d) is not None:
