@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from recbase.model import RecBaseConfig, RecBaseForCausalLM
-from recbase.tokenizer import ItemTokenizer
+from recbase.tokenizer import ConceptVocab, ItemTokenizer
 from recbase.train import _atomic_torch_save
 
 KILLS = 20
@@ -95,7 +95,30 @@ def _load_adapters(path):
     return int(vals.pop())
 
 
+def _save_bundle(path, v, cache={}):
+    from recbase.recommend import Recommender
+
+    if "codes" not in cache:
+        cache["codes"] = np.array([[a, b, c] for a in range(4) for b in range(4) for c in range(2)])
+        cache["model"] = RecBaseForCausalLM(RecBaseConfig.from_preset("tiny", levels=3, codebook_size=4))
+    codes = cache["codes"][: 8 + v % 8]  # the catalog's size changes with the version
+    rec = Recommender(cache["model"], ConceptVocab(3, 4), {"shop": codes},
+                      item_ids={"shop": [f"v{v}-{i}" for i in range(len(codes))]})
+    rec.save(path)
+
+
+def _load_bundle(path):
+    from recbase.recommend import Recommender
+
+    rec = Recommender.load(path)
+    ids = rec.item_ids["shop"]
+    versions = {i.split("-")[0] for i in ids}
+    assert len(versions) == 1 and len(ids) == len(rec.codes["shop"]) == 8 + int(ids[0][1:].split("-")[0]) % 8
+    return int(versions.pop()[1:])
+
+
 KINDS = {
+    "bundle": (_save_bundle, _load_bundle),
     "model": (_save_model, _load_model),
     "tokenizer": (_save_tokenizer, _load_tokenizer),
     "checkpoint": (_save_checkpoint, _load_checkpoint),
@@ -120,7 +143,8 @@ def test_kill_9_during_saves_leaves_a_loadable_version(tmp_path, kind):
     save, load = KINDS[kind]
     rng = random.Random(f"kill-{kind}")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["recbase.model", "recbase.tokenizer", "recbase.train", __name__])
+    ctx.set_forkserver_preload(["recbase.model", "recbase.tokenizer", "recbase.train", "recbase.recommend",
+                                "recbase.bundle", __name__])
     path = tmp_path / kind
     if kind == "checkpoint":
         path.mkdir()
