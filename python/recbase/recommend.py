@@ -184,6 +184,7 @@ class Recommender:
         self.tries = {d: self._trie(d, c) for d, c in self.codes.items()}
         self._full_tries = dict(self.tries)  # every item's ID; ``tries`` leaves removed items out
         self._excluded: dict[str, torch.Tensor] = {}  # [N] bool of removed items, per domain with any
+        self._stores: dict[tuple, torch.Tensor] = {}  # growth buffers behind appended embeddings
         self.tokenizer = tokenizer
         for name, given in (("item_ids", item_ids), ("embedding_means", embedding_means),
                             ("text_settings", text_settings)):
@@ -358,10 +359,24 @@ class Recommender:
         self.removed[domain] = np.concatenate([self.removed[domain], np.zeros(len(ids), dtype=bool)])
         if domain in self.embeddings:
             new = torch.as_tensor(x, device=self.device)
-            self.embeddings[domain] = torch.cat([self.embeddings[domain], new])
-            self.unit[domain] = torch.cat([self.unit[domain], unit_rows(new)])
+            self.embeddings[domain] = self._grown(domain, "embeddings", new)
+            self.unit[domain] = self._grown(domain, "unit", unit_rows(new))
         self._refresh_trie(domain)
         return np.arange(start, start + len(ids))
+
+    def _grown(self, domain: str, which: str, new: torch.Tensor) -> torch.Tensor:
+        """``getattr(self, which)[domain]`` with ``new`` rows appended, as the first rows of a buffer
+        with room to spare (doubling), so a catalog that keeps growing copies its rows O(log N)
+        times, not on every add."""
+        old = getattr(self, which)[domain]
+        store = self._stores.get((domain, which))
+        n, m = old.shape[0], new.shape[0]
+        if store is None or store.data_ptr() != old.data_ptr() or store.shape[0] < n + m:
+            store = old.new_empty((max(2 * n, n + m), old.shape[1]))
+            store[:n] = old
+            self._stores[(domain, which)] = store
+        store[n:n + m] = new
+        return store[:n + m]
 
     def _new_ids(self, domain: str, item_ids) -> list[str]:
         if isinstance(item_ids, (str, bytes)):
