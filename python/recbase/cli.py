@@ -464,7 +464,10 @@ def _files_recommender(args, tok, index, domain):
     mean_file = Path(args.tokenizer) / "embedding_mean.npy"
     mean = {domain: _load_vector(mean_file)} if mean_file.is_file() else None
     text_file = Path(args.tokenizer) / "text.json"
-    text = json.loads(text_file.read_text()) if text_file.is_file() else None
+    try:
+        text = json.loads(text_file.read_text()) if text_file.is_file() else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--tokenizer: {text_file} is corrupt ({exc})") from exc
     return Recommender(model, tok.vocab, {domain: tok.codes}, device=args.device,
                        unseen_domains=[domain] if args.unseen else [],
                        unordered_domains=[domain] if args.unordered else [],
@@ -495,8 +498,13 @@ def _bundle_recommender(args):
     if clash:
         raise ValueError(f"--bundle holds the model, tokenizer and catalog flags: drop {' '.join(clash)}")
     rec = Recommender.load(args.bundle, device=args.device)
-    domain = args.domain if args.domain in rec.codes or len(rec.codes) > 1 else next(iter(rec.codes))
-    return rec, rec._domain(domain)
+    return rec, _bundle_domain(rec, args.domain)
+
+
+def _bundle_domain(rec, requested):
+    """The bundle's catalog a command works on: the one asked for, or its only one (the --domain
+    default names no catalog of a one-catalog bundle)."""
+    return rec._domain(requested if requested in rec.codes or len(rec.codes) > 1 else None)
 
 
 def _dense_embeddings(args, model, tok, domain):
@@ -566,7 +574,7 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
     if not (args.add or args.remove):
         raise ValueError("give --add ITEMS_FILE and/or --remove ID [ID ...]")
     rec = Recommender.load(args.bundle)
-    domain = rec._domain(args.domain if args.domain in rec.codes or len(rec.codes) > 1 else None)
+    domain = _bundle_domain(rec, args.domain)
     if args.remove:
         rec.remove_items(domain, args.remove)
     if args.add:

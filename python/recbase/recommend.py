@@ -183,7 +183,6 @@ class Recommender:
         self.codes = {d: np.asarray(c, dtype=np.int64) for d, c in catalogs.items()}
         self.tries = {d: self._trie(d, c) for d, c in self.codes.items()}
         self._full_tries = dict(self.tries)  # every item's ID; ``tries`` leaves removed items out
-        self._excluded: dict[str, torch.Tensor] = {}  # [N] bool of removed items, per domain with any
         self._stores: dict[tuple, torch.Tensor] = {}  # growth buffers behind appended embeddings
         self.tokenizer = tokenizer
         for name, given in (("item_ids", item_ids), ("embedding_means", embedding_means),
@@ -270,7 +269,6 @@ class Recommender:
         mean = None if embedding_mean is None else _checked_mean(domain, embedding_mean)
         self.codes[domain], self.tries[domain], self._full_tries[domain] = codes, trie, trie
         self._set_item_ids(domain, ids)
-        self._excluded.pop(domain, None)
         self.means.pop(domain, None)
         if mean is not None:
             self.means[domain] = mean
@@ -352,8 +350,9 @@ class Recommender:
                              f"the tokenizer {width}")
         codes = self.tokenizer.encode(x, avoid_fitted=False, avoid=self.codes[domain])
         start = len(self.codes[domain])
-        self._full_tries[domain] = self._trie(domain, np.concatenate([self.codes[domain], codes]))
-        self.codes[domain] = np.concatenate([self.codes[domain], codes])
+        all_codes = np.concatenate([self.codes[domain], codes])
+        self._full_tries[domain] = self._trie(domain, all_codes)
+        self.codes[domain] = all_codes
         self.item_ids[domain] = self.item_ids[domain] + ids
         self._index_of[domain].update({i: start + r for r, i in enumerate(ids)})
         self.removed[domain] = np.concatenate([self.removed[domain], np.zeros(len(ids), dtype=bool)])
@@ -419,9 +418,12 @@ class Recommender:
         removed = self.removed[domain]
         full = self._full_tries[domain]
         self.tries[domain] = full.subset(np.flatnonzero(~removed)) if removed.any() else full
-        self._excluded.pop(domain, None)
-        if removed.any():
-            self._excluded[domain] = torch.as_tensor(removed)
+
+
+    def _removed_mask(self, domain: str) -> torch.Tensor | None:
+        """[N] bool of the removed items (a view of ``removed``), None when there are none."""
+        removed = self.removed[domain]
+        return torch.from_numpy(removed) if removed.any() else None
 
     def _domain(self, domain: str | None) -> str:
         if domain is None:
@@ -600,7 +602,7 @@ class Recommender:
                 full, hist = self._dense_reading(scorer, toks, vectors, kept, chunk, domain)
                 tau = float(self.model.dense_temperature().detach())
                 d_items, d_scores = dense_top_n(full, hist, self.unit[domain], tau, num_beams, banned=banned,
-                                                excluded=self._excluded.get(domain))
+                                                excluded=self._removed_mask(domain))
                 for j, (it, sc) in enumerate(zip(d_items.numpy(), d_scores.numpy())):
                     it = it[it >= 0]
                     if mode == "dense":
