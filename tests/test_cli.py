@@ -332,6 +332,16 @@ def test_cli_corpus_pretrain_and_zero_shot_evaluate(tmp_path, capsys):
                  "--text-sasrec-epochs", "1", "--max-users", "20"]) == 0
     assert "| movies | TextSASRec (in-domain) |" in capsys.readouterr().out
     assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "books", "--zero-shot",
+                 "--task", "direct"]) == 2  # 30 books: not 99 unseen ones per user
+    assert "ask for fewer negatives" in capsys.readouterr().err
+    assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "books", "--zero-shot",
+                 "--task", "direct", "--num-negatives", "9"]) == 0
+    table = capsys.readouterr().out
+    assert "direct_hr@10" in table.splitlines()[0]
+    for line in (x for x in table.splitlines() if x.startswith("| books |")):
+        hr1, hr5, hr10 = (float(x) for x in line.split("|")[3:6])
+        assert 0.0 <= hr1 <= hr5 <= hr10 <= 1.0
+    assert main(["evaluate", "--corpus", str(corpus), "--model", str(run), "--domain", "books", "--zero-shot",
                  "--text-sasrec-epochs", "-1"]) == 2
     assert "--text-sasrec-epochs must be >= 0, got -1" in capsys.readouterr().err
     # a domain the model trained on is not zero-shot; an unknown domain is named
@@ -475,6 +485,15 @@ def test_cli_bundle_serves_batch_recommendations_and_evaluates(tmp_path, capsys)
     assert main(["evaluate", *m_args, "--interactions", str(tmp_path / "inter.csv"), "--tokenizer", str(tok),
                  "--model", str(model)]) == 0
     assert json.loads(capsys.readouterr().out) == via_bundle
+    # direct recommendation (1 + 99 candidates): the same through the bundle and the folders
+    direct = []
+    for argv in (["--bundle", str(bundle)], [*m_args, "--tokenizer", str(tok), "--model", str(model)]):
+        assert main(["evaluate", *argv, "--interactions", str(tmp_path / "inter.csv"), "--task", "direct",
+                     "--num-negatives", "9"]) == 0
+        direct.append(json.loads(capsys.readouterr().out))
+    assert direct[0] == direct[1] and {"recbase", "popularity"} <= set(direct[0])
+    for m in direct[0].values():
+        assert 0.0 <= m["hr@1"] <= m["hr@5"] <= m["hr@10"] <= 1.0 and m["ndcg@10"] <= m["hr@10"]
     # bad input: clear one-line errors, exit 2, nothing written
     pd.DataFrame({"user_id": ["u0"], "item_id": ["nope"]}).to_csv(tmp_path / "bad.csv", index=False)
     for argv, msg in (

@@ -49,6 +49,15 @@ def test_quick_demo_end_to_end_on_validation_items(tmp_path):
     saved = json.loads((out / "model" / "config.json").read_text())
     assert set(saved["fusion_weights"]) == {"seen", "unseen"} and saved["item_vector_dim"] == 384
     assert "Δ recall@10" in (out / "results.md").read_text()  # the paired differences
+    # direct recommendation: every model of the CTR protocol, on both domains, on the same candidates
+    direct = {(r["domain"], r["model"]): r for r in result["direct_rows"]}
+    assert set(direct) == {("movies", m) for m in ("popularity", "text-kNN", "SASRec (in-domain)",
+                                                   "TextSASRec (in-domain)", *modes)} | {
+        ("books", m) for m in ("popularity", "text-kNN", "TextSASRec (zero-shot)", *modes)}
+    for r in direct.values():
+        assert 0.0 <= r["hr@1"] <= r["hr@5"] <= r["hr@10"] <= 1.0 and r["ndcg@10"] <= r["hr@10"] and r["users"] == 300
+    assert direct[("movies", "generative")]["hr@10"] > direct[("movies", "popularity")]["hr@10"]
+    assert "| movies | recbase hybrid (pretrained) |" in (out / "results.md").read_text().split("Direct recommendation")[1]
     assert result["tokenizer"]["unique_after_dedup"]
     # the closing pass over each user's latest window ran once, after pretraining
     assert len(result["recent_pass_history"]) == 1 and (out / "recent-pass" / "checkpoint.pt").exists()

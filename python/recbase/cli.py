@@ -377,8 +377,10 @@ def _evaluate_corpus(args) -> int:
     d.codes = tok.codes[lo:hi]
     rows = evaluate_domain(model, tok, domains, args.domain, zero_shot=args.zero_shot,
                            max_users=args.max_users or None, num_beams=max(args.num_beams, 20), seed=args.seed,
-                           device=args.device, text_sasrec=peer)
-    cols = ["recall@10", "se_recall@10", "ndcg@10", "se_ndcg@10", "mrr", "auc"]
+                           device=args.device, text_sasrec=peer, direct=args.task == "direct",
+                           direct_negatives=args.num_negatives)
+    cols = (["direct_hr@1", "direct_hr@5", "direct_hr@10", "direct_se_hr@10", "direct_ndcg@5", "direct_ndcg@10"]
+            if args.task == "direct" else ["recall@10", "se_recall@10", "ndcg@10", "se_ndcg@10", "mrr", "auc"])
     print("| domain | model | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for r in rows:
@@ -448,9 +450,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         tok, index, data = _single_domain_files(args)
         split = leave_one_out(data, index)
         rec, domain = _files_recommender(args, tok, index, args.domain), args.domain
+    if args.task == "direct":
+        print(json.dumps(_direct_on_split(rec, domain, split, args), indent=2))
+        return 0
     items, _ = rec.recommend(split.test_histories, k=20, domain=domain, num_beams=args.num_beams, mode=args.mode)
     print(json.dumps(evaluate_rankings(items, split.test_targets), indent=2))
     return 0
+
+
+def _direct_on_split(rec, domain, split, args) -> dict:
+    """--task direct on one catalog: recbase next to popularity (and text-kNN when the catalog has
+    embeddings) on P5's 1 + 99 candidates of the test item, every model on the same candidates."""
+    from recbase.baselines import Popularity, TextKNN
+    from recbase.pipeline import direct_metrics, sample_users
+
+    users = sample_users(split.num_users, args.max_users or None, args.seed)
+    scorers = {"recbase": lambda h, c: rec.score(h, c, domain=domain, mode=args.mode),
+               "popularity": Popularity().fit(split.train_sequences, num_items=split.num_items).score}
+    if domain in rec.embeddings:
+        scorers["text-kNN"] = TextKNN(rec.embeddings[domain].cpu().numpy(), max_history=20).score
+    return direct_metrics(split, users, scorers, num_negatives=args.num_negatives, seed=args.seed)
 
 
 def _files_recommender(args, tok, index, domain):
@@ -721,7 +740,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(s, need_model=True, need_inter=True, corpus=True)
     s.add_argument("--zero-shot", action="store_true",
                    help="with --corpus: the domain was held out from pretraining; read it zero-shot")
-    s.add_argument("--max-users", type=int, default=2000, help="with --corpus: evaluated users (seeded sample; 0 = all)")
+    s.add_argument("--task", default="sequential", choices=["sequential", "direct"],
+                   help="sequential: the next item over the whole catalog; direct: the held-out item among 99 "
+                        "sampled items the user never interacted with (P5), next to the baselines")
+    s.add_argument("--num-negatives", type=int, default=99,
+                   help="with --task direct: sampled negatives per user (P5: 99)")
+    s.add_argument("--max-users", type=int, default=2000,
+                   help="with --corpus or --task direct: evaluated users (seeded sample; 0 = all)")
     s.add_argument("--text-sasrec-epochs", type=int, default=0,
                    help="with --corpus: add the zero-shot text-sequence peer (TextSASRec), trained this many "
                         "epochs on the domains the model pretrained on (0 = no such row)")

@@ -14,7 +14,8 @@
 5. Evaluate in-domain on MovieLens-1M and zero-shot on Book-Crossing (the model never saw a
    book interaction) next to popularity, text-kNN and SASRec, with fixed leave-one-out splits:
    Recall/NDCG/MRR@{5,10,20} over the whole catalog by constrained beam search, and the
-   paper's CTR protocol (likelihood scores, AUC with up to 10 positives + 10 random negatives).
+   paper's CTR protocol (likelihood scores, AUC with up to 10 positives + 10 random negatives),
+   and P5's direct recommendation (the held-out item among 99 sampled unseen items: HR, NDCG).
 6. Print one table; write it, the config and the logs to the output folder.
 
 Steps 1-4 are the stages of ``recbase.pipeline`` on a two-domain corpus (movies trained on, books
@@ -89,6 +90,8 @@ class DemoConfig:
     # more catalogs held out from pretraining, read zero-shot like the books (e.g. ("ml-100k",):
     # a newer movie catalog tokenized on the demo's codebooks with ItemTokenizer.for_catalog)
     also_unseen: tuple = ()
+    # direct recommendation (P5): every model ranks the held-out item among 99 sampled unseen items
+    direct: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -113,7 +116,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from recbase.data.splits import leave_one_out
     from recbase.data.text import render_items
     from recbase.evaluate import _per_user, evaluate_rankings
-    from recbase.pipeline import PretrainSettings, ctr_auc, pretrain_domains, prepare_domains, tokenize_domains
+    from recbase.pipeline import (PretrainSettings, ctr_auc, direct_metrics, pretrain_domains, prepare_domains,
+                                  tokenize_domains)
     from recbase.recommend import Recommender
     from recbase.tokenizer import centre_embeddings
 
@@ -247,7 +251,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 5c. CTR protocol (AUC): history = sequence minus its last up-to-10 items, which are the
     # positives (on validation: the training sequence, so no validation or test item is scored)
-    ctr = {}
+    ctr, direct_rows = {}, []
     for domain, split, users, scorers in (
             ("movies", ml_split, ml_users, {"popularity": pop, "text-kNN": knn, "SASRec (in-domain)": sas,
                                             **({"TextSASRec (in-domain)": tsas} if tsas else {}),
@@ -258,6 +262,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                for name, m in scorers.items()}
         for name, auc in ctr_auc(split, users, fns, on_valid=on_valid, seed=cfg.seed + (7 if on_valid else 0)).items():
             ctr[(domain, name)] = auc
+        if cfg.direct:  # the same scorers on P5's 1 + 99 candidates per user
+            for name, res in direct_metrics(split, users, fns, on_valid=on_valid,
+                                            seed=cfg.seed + (7 if on_valid else 0)).items():
+                direct_rows.append({"domain": domain, "model": name, **res})
     for row in rows:
         name = row["model"]
         key = (row["domain"], name.split()[1] if name.startswith("recbase ") and cfg.dense
@@ -266,11 +274,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     timer.mark("CTR protocol evaluated")
 
     table = _markdown_table(rows, cfg.ks) + "\n\n" + _paired_differences(user_metrics)
+    if direct_rows:
+        table += "\n\n" + _direct_table(direct_rows, rows)
     if on_valid:
         table = ("Validation items (not the test items). SASRec early-stops on these same items, so its "
                  "row is optimistic.\n\n" + table)
     print("\n" + table)
-    result = {"config": asdict(cfg), "rows": rows, "tokenizer": tok.report(), "fusion": fusion,
+    result = {"config": asdict(cfg), "rows": rows, "direct_rows": direct_rows, "tokenizer": tok.report(), "fusion": fusion,
               "pretrain_history": state["history"], "recent_pass_history": recent["history"], "timings_s": timer.marks,
               "sizes": {"movies": {"users": ml_split.num_users, "items": ml_split.num_items},
                         **{d: {"users": sp.num_users, "items": sp.num_items} for d, (sp, _) in unseen.items()}}}
@@ -295,6 +305,25 @@ def _paired_differences(per_user: dict) -> str:
                 diff = per_user[(domain, name, m)] - per_user[(domain, peer, m)]
                 cells.append(f"{diff.mean():+.4f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.4f}")
             lines.append(f"| {domain} | {name} | {peer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _direct_table(direct_rows: list[dict], rows: list[dict]) -> str:
+    """Direct recommendation (P5: the held-out item among 99 sampled unseen items), named as in
+    the ranking table."""
+    cols = ["hr@1", "hr@5", "hr@10", "se_hr@10", "ndcg@5", "ndcg@10", "se_ndcg@10"]
+    lines = ["Direct recommendation among 1 + 99 candidates per user (seeded; the same candidates for every model):",
+             "", "| domain | model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    def key(name):  # "recbase hybrid (pretrained)" -> its scorer's name "hybrid"; "recbase (…)" -> "generative"
+        if not name.startswith("recbase "):
+            return name
+        mode = name.split()[1]
+        return mode if mode in ("generative", "dense", "hybrid") else "generative"
+
+    labels = {(r["domain"], key(r["model"])): r["model"] for r in rows}
+    for r in direct_rows:
+        name = labels.get((r["domain"], r["model"]), r["model"])
+        lines.append(f"| {r['domain']} | {name} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
     return "\n".join(lines)
 
 

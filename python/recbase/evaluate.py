@@ -1,4 +1,5 @@
-"""Ranking metrics (leave-one-out, full-catalog) and the CTR/AUC protocol.
+"""Ranking metrics (leave-one-out, full-catalog), the CTR/AUC protocol and direct
+recommendation among given candidates (P5: 1 held-out positive + 99 sampled negatives).
 
 Rankings are item indices (not concept-ID tuples): ``rankings[b]`` is user b's ranked list,
 best first; ``-1`` pads a list shorter than K and never counts as a hit. A target set
@@ -8,6 +9,8 @@ best first; ``-1`` pads a list shorter than K and never counts as a hit. A targe
 * NDCG@K   = sum_{hits r<K} 1/log2(r+2) / sum_{i<min(|T|,K)} 1/log2(i+2)
 * MRR(@K)  = 1/(r_first+1) for the first hit (within K), else 0
 * AUC (per user, Mann–Whitney, ties count 1/2) = (#{p>n} + 0.5 #{p=n}) / (|P||N|)
+* direct: with R the 1-based rank of the positive among its candidates, HR@K = [R <= K],
+  NDCG@K = [R <= K] / log2(R + 1)
 
 Only the first occurrence of an item in a ranked list counts. Averages are over users.
 
@@ -26,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["hit_matrix", "hit_ranks", "recall_at_k", "ndcg_at_k", "mrr", "evaluate_rankings", "auc_score",
-           "user_auc", "CTRPairs", "build_ctr_pairs", "evaluate_ctr"]
+           "user_auc", "CTRPairs", "build_ctr_pairs", "evaluate_ctr", "CandidateSets",
+           "sample_candidate_sets", "candidate_ranks", "evaluate_candidates"]
 
 DEFAULT_KS = (5, 10, 20)
 
@@ -213,6 +217,24 @@ class CTRPairs:
         return [np.asarray(x, dtype=np.int64) for x in out]
 
 
+def _sample_negatives(rng: np.random.Generator, num_items: int, banned: np.ndarray, count: int) -> np.ndarray:
+    """``min(count, free)`` distinct items of ``[0, num_items)`` outside the sorted ``banned``
+    set, drawn uniformly without replacement (in draw order)."""
+    n_free = num_items - banned.size
+    k = min(count, n_free)
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    if n_free > 4 * k:  # rejection sampling is fast when the catalog is much larger than the banned set
+        neg = np.empty(0, dtype=np.int64)
+        while neg.size < k:
+            draw = rng.integers(0, num_items, size=2 * k + 8)
+            cat = np.concatenate([neg, draw[~np.isin(draw, banned)]])
+            _, first = np.unique(cat, return_index=True)
+            neg = cat[np.sort(first)]  # unique, in draw order
+        return neg[:k]
+    return rng.choice(np.setdiff1d(np.arange(num_items), banned), size=k, replace=False)
+
+
 def build_ctr_pairs(positives: Sequence[np.ndarray], num_items: int, *, max_positives: int = 10,
                     num_negatives: int = 10, exclude: Sequence[np.ndarray] | None = None,
                     seed: int = 0) -> CTRPairs:
@@ -238,22 +260,7 @@ def build_ctr_pairs(positives: Sequence[np.ndarray], num_items: int, *, max_posi
         banned = pos if exclude is None else np.union1d(pos, np.asarray(exclude[u], dtype=np.int64))
         if pos.size > max_positives:
             pos = rng.choice(pos, size=max_positives, replace=False)
-        n_free = num_items - banned.size
-        k = min(num_negatives, n_free)
-        if k > 0:
-            # rejection sampling is fast when the catalog is much larger than the banned set
-            if n_free > 4 * k:
-                neg = np.empty(0, dtype=np.int64)
-                while neg.size < k:
-                    draw = rng.integers(0, num_items, size=2 * k + 8)
-                    cat = np.concatenate([neg, draw[~np.isin(draw, banned)]])
-                    _, first = np.unique(cat, return_index=True)
-                    neg = cat[np.sort(first)]  # unique, in draw order
-                neg = neg[:k]
-            else:
-                neg = rng.choice(np.setdiff1d(np.arange(num_items), banned), size=k, replace=False)
-        else:
-            neg = np.empty(0, dtype=np.int64)
+        neg = _sample_negatives(rng, num_items, banned, num_negatives)
         users.append(np.full(pos.size + neg.size, u, dtype=np.int64))
         items.append(np.concatenate([pos, neg]))
         labels.append(np.r_[np.ones(pos.size, np.int8), np.zeros(neg.size, np.int8)])
@@ -271,3 +278,84 @@ def evaluate_ctr(scores, pairs: CTRPairs) -> dict[str, float]:
     y = pairs.label.astype(bool)
     return {"auc": mean_auc, "global_auc": auc_score(s[y], s[~y]), "users": int(len(ids)),
             "pairs": int(len(pairs))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Direct recommendation among given candidates (P5's protocol)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class CandidateSets:
+    """One candidate list per user: ``items[u]`` (C item indices) holds the held-out positive at
+    column ``positive[u]`` (a seeded random column, so a scorer that ties everything is ranked
+    at random, not first) and ``C - 1`` sampled negatives."""
+
+    items: np.ndarray     # [U, C] int64
+    positive: np.ndarray  # [U] int64
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def sample_candidate_sets(targets, num_items: int, *, exclude: Sequence[np.ndarray] | None = None,
+                          num_negatives: int = 99, seed: int = 0) -> CandidateSets:
+    """P5's direct-recommendation protocol: per user the held-out ``targets[u]`` and
+    ``num_negatives`` items drawn uniformly without replacement from the items the user never
+    interacted with (neither the target nor ``exclude[u]``, e.g. the whole sequence), in a
+    seeded random order. Deterministic for a given seed."""
+    t = np.asarray(targets, dtype=np.int64).ravel()
+    if not isinstance(num_items, (int, np.integer)) or num_items < 1:
+        raise ValueError(f"sample_candidate_sets: num_items must be an int >= 1, got {num_items!r}")
+    if not isinstance(num_negatives, (int, np.integer)) or num_negatives < 1:
+        raise ValueError(f"sample_candidate_sets: num_negatives must be an int >= 1, got {num_negatives!r}")
+    if t.size == 0:
+        raise ValueError("sample_candidate_sets: no targets")
+    if t.min() < 0 or t.max() >= num_items:
+        raise ValueError(f"sample_candidate_sets: targets must be item indices in [0, {num_items})")
+    if exclude is not None and len(exclude) != t.size:
+        raise ValueError(f"sample_candidate_sets: exclude must have one entry per target ({t.size}), "
+                         f"got {len(exclude)}")
+    rng = np.random.default_rng(seed)
+    items = np.empty((t.size, num_negatives + 1), dtype=np.int64)
+    positive = np.empty(t.size, dtype=np.int64)
+    for u, target in enumerate(t.tolist()):
+        banned = np.array([target]) if exclude is None else np.union1d([target], np.asarray(exclude[u], np.int64))
+        neg = _sample_negatives(rng, num_items, banned, num_negatives)
+        if neg.size < num_negatives:
+            raise ValueError(f"sample_candidate_sets: user {u} leaves only {neg.size} items to sample "
+                             f"{num_negatives} negatives from (catalog of {num_items}); ask for fewer negatives")
+        col = int(rng.integers(0, num_negatives + 1))
+        items[u] = np.insert(neg, col, target)
+        positive[u] = col
+    return CandidateSets(items, positive)
+
+
+def candidate_ranks(scores, sets: CandidateSets) -> np.ndarray:
+    """1-based rank of each user's positive among its candidates by descending score; a tie
+    goes to the candidate in the earlier column (the columns are in a seeded random order)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.shape != sets.items.shape:
+        raise ValueError(f"candidate_ranks: scores must be [users, candidates] = {sets.items.shape}, "
+                         f"got {s.shape}")
+    if np.isnan(s).any():
+        raise ValueError("candidate_ranks: scores contain NaN")
+    u = np.arange(len(s))
+    pos = s[u, sets.positive][:, None]
+    col = np.arange(s.shape[1])[None, :]
+    ahead = (s > pos) | ((s == pos) & (col < sets.positive[:, None]))
+    return ahead.sum(1) + 1
+
+
+def evaluate_candidates(scores, sets: CandidateSets, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """``{"hr@K", "ndcg@K", "se_hr@K", "se_ndcg@K" (standard errors over users) for K in ks,
+    "users"}`` with, for the positive's rank r: HR@K = [r <= K], NDCG@K = [r <= K] / log2(r + 1)
+    (so NDCG@1 = HR@1; P5 reports HR@1/5/10 and NDCG@5/10)."""
+    r = candidate_ranks(scores, sets)
+    out: dict[str, float] = {"users": int(len(r))}
+    for k in ks:
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= sets.items.shape[1]:
+            raise ValueError(f"ks: each K must be an int in [1, {sets.items.shape[1]}], got {k!r}")
+        for name, per in (("hr", (r <= k).astype(np.float64)),
+                          ("ndcg", np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0))):
+            out[f"{name}@{k}"] = float(per.mean())
+            out[f"se_{name}@{k}"] = float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else float("nan")
+    return out

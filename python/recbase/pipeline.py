@@ -23,7 +23,7 @@ import numpy as np
 from recbase._atomic import atomic_file
 
 __all__ = ["DomainData", "PretrainSettings", "Pretrained", "prepare_domains", "tokenize_domains", "pretrain_domains",
-           "fit_text_sasrec", "ctr_auc", "evaluate_domain", "leave_one_domain_out", "sample_users", "save_run",
+           "fit_text_sasrec", "ctr_auc", "direct_metrics", "evaluate_domain", "leave_one_domain_out", "sample_users", "save_run",
            "load_run"]
 
 _RUN_FORMAT = 1
@@ -258,13 +258,37 @@ def ctr_auc(split, users, scorers: dict, *, on_valid: bool = False, seed: int = 
     return {name: evaluate_ctr(_flatten_scores(fn(hist, cands), pairs), pairs)["auc"] for name, fn in scorers.items()}
 
 
+def direct_metrics(split, users, scorers: dict, *, on_valid: bool = False, num_negatives: int = 99,
+                   seed: int = 0, ks=(1, 5, 10)) -> dict[str, dict]:
+    """P5's direct recommendation on one domain: per user the held-out item (the test item, or
+    the validation item with ``on_valid``) among ``num_negatives`` items the user never
+    interacted with (seeded; :func:`recbase.evaluate.sample_candidate_sets`), after the history
+    before it. ``scorers``: name -> ``fn(histories, candidates)`` returning per-user score arrays
+    (``Recommender.score``, a baseline's ``score``). Returns name -> HR@K / NDCG@K with standard
+    errors (:func:`recbase.evaluate.evaluate_candidates`), every scorer on the same candidates."""
+    from recbase.evaluate import evaluate_candidates, sample_candidate_sets
+
+    users = np.asarray(users, dtype=np.int64)
+    hist = split.valid_histories if on_valid else split.test_histories
+    targets = (split.valid_targets if on_valid else split.test_targets)[users]
+    sets = sample_candidate_sets(targets, split.num_items, exclude=[split.sequences[u] for u in users],
+                                 num_negatives=num_negatives, seed=seed)
+    histories = [hist[u] for u in users]
+    return {name: evaluate_candidates(np.stack([np.asarray(x, dtype=np.float64) for x in
+                                                fn(histories, list(sets.items))]), sets, ks)
+            for name, fn in scorers.items()}
+
+
 def evaluate_domain(model, tok, domains: dict[str, DomainData], domain: str, *, zero_shot: bool,
                     split: str = "test", max_users: int | None = 2000, num_beams: int = 60, ks=(5, 10, 20),
-                    seed: int = 0, device: str = "cpu", text_sasrec=None, auc: bool = True) -> list[dict]:
+                    seed: int = 0, device: str = "cpu", text_sasrec=None, auc: bool = True,
+                    direct: bool = False, direct_negatives: int = 99) -> list[dict]:
     """Leave-one-out metrics on one domain: popularity (counts the domain's own interactions:
     context, not zero-shot), text-kNN, ``text_sasrec`` (a :func:`fit_text_sasrec` model, applied
     to this catalog with ``with_catalog``; None: no row) and recbase (every mode the model has), the
-    same users; with ``auc``, each row's mean per-user AUC of the CTR protocol (:func:`ctr_auc`).
+    same users; with ``auc``, each row's mean per-user AUC of the CTR protocol (:func:`ctr_auc`);
+    with ``direct``, each row's direct recommendation among 1 + ``direct_negatives`` candidates (:func:`direct_metrics`,
+    keys ``direct_hr@K``, ``direct_ndcg@K``, ``direct_se_...``).
     ``zero_shot``: read the domain as unseen (the model must not have trained on it)."""
     from recbase.baselines import Popularity, TextKNN
     from recbase.evaluate import _per_user, evaluate_rankings
@@ -308,6 +332,11 @@ def evaluate_domain(model, tok, domains: dict[str, DomainData], domain: str, *, 
         aucs = ctr_auc(sp, users, {name: score for name, _, score in runs}, on_valid=split == "valid", seed=seed)
         for row in rows:
             row["auc"] = aucs[row["model"]]
+    if direct:
+        res = direct_metrics(sp, users, {name: score for name, _, score in runs}, on_valid=split == "valid",
+                             num_negatives=direct_negatives, seed=seed)
+        for row in rows:
+            row.update({f"direct_{k}": v for k, v in res[row["model"]].items() if k != "users"})
     return rows
 
 

@@ -650,7 +650,9 @@ class Recommender:
             cands = [np.asarray(c, dtype=np.int64) for c in candidates[s:s + batch_size]]
             for b, c in enumerate(cands):
                 if len(c) and (c.min() < 0 or c.max() >= n):
-                    raise ValueError(f"candidates[{s + b}]: item index out of range [0, {n})")
+                    bad = int(c[(c < 0) | (c >= n)][0])
+                    raise ValueError(f"candidates[{s + b}]: item index {bad} is out of range [0, {n}) "
+                                     f"(not in the {domain!r} catalog)")
                 gone = c[self.removed[domain][c]]
                 if len(gone):
                     raise ValueError(f"candidates[{s + b}]: item {self.item_ids[domain][gone[0]]!r} (index "
@@ -668,6 +670,39 @@ class Recommender:
             out.extend(gen if mode == "generative" else dense if mode == "dense"
                        else [(1 - w) * g + w * d for g, d in zip(gen, dense)])
         return out
+
+    def rank_candidates(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
+                        domain: str | None = None, k: int | None = None, batch_size: int = 64,
+                        mode: str | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Direct recommendation: each history's own candidate items (indices, e.g. what an
+        upstream system proposed), ranked best first by :meth:`score` (the same mode and fusion).
+        Returns ``(items, scores)``: per history the top-``k`` candidates (all if None) and their
+        scores; ties keep the candidates' given order. Every list must be non-empty, without
+        duplicates, of items in the catalog (``indices_of`` maps ids to indices)."""
+        if len(candidates) != len(histories):
+            raise ValueError(f"candidates: expected one list per history ({len(histories)}), got {len(candidates)}")
+        if k is not None and (not isinstance(k, (int, np.integer)) or k < 1):
+            raise ValueError(f"k: expected an int >= 1 or None, got {k!r}")
+        cands = []
+        for b, c in enumerate(candidates):
+            c = np.asarray(c)
+            if c.ndim != 1 or c.size == 0:
+                raise ValueError(f"candidates[{b}]: expected a non-empty list of item indices, got shape {c.shape}")
+            if not np.issubdtype(c.dtype, np.integer):
+                raise ValueError(f"candidates[{b}]: expected integer item indices, got dtype {c.dtype} "
+                                 "(map item ids with indices_of)")
+            c = c.astype(np.int64)
+            uniq, counts = np.unique(c, return_counts=True)
+            if (counts > 1).any():
+                raise ValueError(f"candidates[{b}]: item index {int(uniq[counts > 1][0])} is listed twice")
+            cands.append(c)
+        scores = self.score(histories, cands, domain=domain, batch_size=batch_size, mode=mode)
+        items_out, scores_out = [], []
+        for c, sc in zip(cands, scores):
+            order = np.argsort(-np.asarray(sc, dtype=np.float64), kind="stable")[:k]
+            items_out.append(c[order])
+            scores_out.append(np.asarray(sc, dtype=np.float64)[order])
+        return items_out, scores_out
 
 
 def choose_fusion(rec: Recommender, domain: str, histories, targets, *, reading: str,
