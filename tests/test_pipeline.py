@@ -86,3 +86,78 @@ def test_fit_text_sasrec_reads_several_domains_as_one_catalog():
         fit_text_sasrec(domains, ["a", "nope"])
     with pytest.raises(ValueError, match="epochs must be an int >= 1"):
         fit_text_sasrec(domains, ["a"], epochs=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# rating prediction stages
+# ---------------------------------------------------------------------------------------------
+def _rated_split(seed, users=40, items=20):
+    rng = np.random.default_rng(seed)
+    quality = rng.choice([1.0, 2.0, 4.0, 5.0], size=items)
+    rows = [(f"u{u}", f"i{i}", t, quality[i]) for u in range(users)
+            for t, i in enumerate(rng.choice(items, size=rng.integers(3, 12), replace=False))]
+    return leave_one_out(pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]))
+
+
+def test_split_ratings_follow_the_sequences_and_windows_follow_pretraining_sequences():
+    from recbase.pipeline import rating_scale, rating_windows
+    from recbase.recommend import normalise_ratings
+    from recbase.train import pretraining_sequences
+
+    sp = _rated_split(0)
+    (hr, truth), items = sp.test_ratings, sp.test_targets
+    quality = {}
+    for s, r in zip(sp.sequences, sp.ratings):
+        assert len(s) == len(r)
+        quality.update(zip(s.tolist(), r.tolist()))
+    assert all(quality[int(i)] == t for i, t in zip(items, truth))  # each target's own rating
+    assert [len(x) for x in hr] == [len(h) for h in sp.test_histories]
+    assert rating_scale(sp) == (1.0, 5.0)
+    tokens = np.arange(4, 4 + 2 * sp.num_items).reshape(sp.num_items, 2)
+    for recent in (None, 5):
+        windows, _ = pretraining_sequences(sp, tokens, 1, 4, recent)
+        rates = rating_windows(sp, 4, recent, (1.0, 5.0))
+        assert len(windows) == len(rates)
+        for w, r in zip(windows, rates):
+            items_w = (w[1::2] - 4) // 2
+            np.testing.assert_allclose(r, normalise_ratings([quality[int(i)] for i in items_w], (1, 5)))
+    implicit = leave_one_out(pd.DataFrame({"user_id": ["u"] * 3, "item_id": list("abc"), "rating": 1.0}))
+    assert rating_scale(implicit) is None
+
+
+def test_evaluate_ratings_by_hand_and_the_baselines():
+    from recbase.pipeline import evaluate_ratings, rating_baselines
+
+    sp = _rated_split(1)
+    users = np.arange(sp.num_users)
+    truth = sp.test_ratings[1]
+    const = evaluate_ratings(sp, users, {"three": lambda u, h, hr, i: np.full(len(u), 3.0)})[0]
+    assert const["rmse"] == pytest.approx(np.sqrt(((truth - 3) ** 2).mean()))
+    assert const["mae"] == pytest.approx(np.abs(truth - 3).mean())
+    assert const["se_mae"] == pytest.approx(np.abs(truth - 3).std(ddof=1) / np.sqrt(len(truth)))
+    rows = {r["model"]: r for r in evaluate_ratings(sp, users, rating_baselines(sp))}
+    # ratings are an item property here: the item biases get far below the global mean
+    assert rows["user + item bias"]["rmse"] < 0.7 * rows["global mean"]["rmse"]
+    with pytest.raises(ValueError, match="expected 40 finite ratings"):
+        evaluate_ratings(sp, users, {"bad": lambda u, h, hr, i: np.full(len(u), np.nan)})
+
+
+def test_pretrain_domains_with_a_rating_share_trains_the_rating_task():
+    from recbase.pipeline import PretrainSettings, pretrain_domains
+    from recbase.tokenizer import ItemTokenizer
+
+    sp = _rated_split(2)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(sp.num_items, 8)).astype(np.float32)
+    tok = ItemTokenizer(levels=2, codebook_size=8, seed=0).fit(emb, progress=False)
+    d = DomainData("toy", sp, emb, codes=tok.codes)
+    s = PretrainSettings(preset="tiny", max_items=6, epochs=1, tokens_per_batch=256, content_rotation_rate=0.0,
+                         recent_pass_epochs=0, dense=False, valid_users=10, progress=False,
+                         tasks={"sequential": 1, "rating": 1})
+    model = pretrain_domains({"toy": d}, tok, ["toy"], s).model
+    assert model.config.rating_task and model.config.rating_scales == {"toy": [1.0, 5.0]}
+    implicit = DomainData("imp", leave_one_out(pd.DataFrame({"user_id": ["u"] * 4, "item_id": list("abcd"),
+                                                             "timestamp": range(4), "rating": 1.0})),
+                          emb[:4], codes=tok.codes[:4])
+    with pytest.raises(ValueError, match="has explicit ratings"):
+        pretrain_domains({"imp": implicit}, tok, ["imp"], s)

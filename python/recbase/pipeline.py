@@ -14,7 +14,7 @@ zero-shot (by concept content alone, plus the dense channel when the model has o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +23,8 @@ import numpy as np
 from recbase._atomic import atomic_file
 
 __all__ = ["DomainData", "PretrainSettings", "Pretrained", "prepare_domains", "tokenize_domains", "pretrain_domains",
-           "fit_text_sasrec", "ctr_auc", "direct_metrics", "evaluate_domain", "leave_one_domain_out", "sample_users", "save_run",
+           "fit_text_sasrec", "ctr_auc", "direct_metrics", "evaluate_domain", "rating_scale", "rating_windows",
+           "evaluate_ratings", "rating_baselines", "leave_one_domain_out", "sample_users", "save_run",
            "load_run"]
 
 _RUN_FORMAT = 1
@@ -65,6 +66,9 @@ class PretrainSettings:
     valid_users: int = 1000  # per trained domain, seeded; their validation items drive early stopping
     fusion_beams: int = 60  # beams of the candidate pool the fusion weights are chosen on
     alpha: float = 0.5  # corpus mixing exponent (recbase.data.corpus)
+    # the task mixture (recbase.train.TrainConfig.tasks): with a "rating" share the model also
+    # learns each trained domain's explicit ratings (rating_windows; RecBaseConfig.rating_task)
+    tasks: dict = field(default_factory=lambda: {"sequential": 1.0})
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -142,17 +146,30 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
     if any(domains[n].codes is None for n in domains):
         raise ValueError("domains: tokenize them first (tokenize_domains)")
     bos = tok.vocab.BOS
-    train, valid, users, groups = [], [], {}, {}
+    rating = TrainConfig(tasks=s.tasks).rating_share() > 0
+    train, valid, users, groups, scales = [], [], {}, {}, {}
     for i, name in enumerate(train_on):
         d = domains[name]
         n = d.split.num_users
         users[name] = sample_users(n, s.valid_users, s.seed + 1 + i)
         t, v = pretraining_sequences(d.split, tok.tokens(d.codes), bos, s.max_items, s.train_items_per_user,
                                      users[name])
+        if rating:  # each window with its items' ratings (NaN for a domain without explicit ratings)
+            scale = rating_scale(d.split)
+            if scale is not None:
+                scales[name] = scale
+            r = (rating_windows(d.split, s.max_items, s.train_items_per_user, scale) if scale is not None
+                 else [np.full((len(x) - 1) // tok.id_length, np.nan) for x in t])
+            t = list(zip(t, r))
         train.append(t)
         groups[name] = np.arange(len(valid), len(valid) + len(v))  # per-domain validation loss in the log
         valid.extend(v)
+    if rating and not scales:
+        raise ValueError(f"tasks {s.tasks}: none of the trained domains {list(train_on)} has explicit ratings")
     mixed, _ = mix_sequences(train, [domains[n].weight for n in train_on], s.alpha, s.seed)
+    mixed_ratings = None
+    if rating:
+        mixed, mixed_ratings = [x for x, _ in mixed], [r for _, r in mixed]
     content = s.content_rotation_rate > 0
     dim = domains[train_on[0]].embeddings.shape[1]
     size = {} if s.hidden_size is None else {"hidden_size": s.hidden_size, "intermediate_size": 3 * s.hidden_size}
@@ -161,7 +178,8 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
     cfg = RecBaseConfig.from_preset(
         s.preset, levels=tok.id_length, codebook_size=tok.codebook_size, max_items=s.max_items, **size,
         concept_vector_dim=tok.quantizer.codebooks.shape[2] if content else 0,
-        item_vector_dim=dim if s.dense else 0, dense_loss_weight=s.dense_loss_weight)
+        item_vector_dim=dim if s.dense else 0, dense_loss_weight=s.dense_loss_weight,
+        rating_task=rating, rating_scales=scales)
     model = RecBaseForCausalLM(cfg)
     if content:
         model.set_concept_vectors(tok.quantizer.codebooks)
@@ -172,10 +190,10 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
     out = Path(output_dir) if output_dir is not None else None
     tcfg = TrainConfig(epochs=s.epochs, tokens_per_batch=s.tokens_per_batch, lr=s.lr, warmup_steps=50, seed=s.seed,
                        device=s.device, content_rotation_rate=s.content_rotation_rate, progress=s.progress,
-                       shuffle_rate=s.shuffle_rate, time_budget_s=s.time_budget_s)
+                       shuffle_rate=s.shuffle_rate, time_budget_s=s.time_budget_s, tasks=dict(s.tasks))
     groups = groups if len(train_on) > 1 else None
     state = Trainer(model, mixed, valid, tcfg, output_dir=None if out is None else out / "pretrain",
-                    item_vectors=vectors, valid_groups=groups).fit()
+                    item_vectors=vectors, valid_groups=groups, ratings=mixed_ratings).fit()
     recent = {"history": []}
     if s.recent_pass_epochs:
         recent = recent_pass(model, [domains[n].split for n in train_on], [tok.tokens(domains[n].codes) for n in train_on],
@@ -194,6 +212,70 @@ def pretrain_domains(domains: dict[str, DomainData], tok, train_on: Sequence[str
             choose_fusion(rec, first, [d.split.valid_histories[u] for u in users[first]],
                           d.split.valid_targets[users[first]], reading=reading, num_beams=s.fusion_beams)
     return Pretrained(model, state["history"], recent["history"], users)
+
+
+def rating_scale(split) -> tuple[float, float] | None:
+    """(lowest, highest) training rating of a split, or None when it has no explicit ratings
+    (no rating column, or one value everywhere: implicit feedback)."""
+    if split.ratings is None:
+        return None
+    flat = np.concatenate([np.asarray(r, dtype=np.float64) for r in split.train_ratings] or [np.empty(0)])
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0 or flat.min() == flat.max():
+        return None
+    return float(flat.min()), float(flat.max())
+
+
+def rating_windows(split, max_items: int, recent: int | None, scale) -> list[np.ndarray]:
+    """The normalised ratings (``recbase.recommend.normalise_ratings``) of every training window of
+    :func:`recbase.train.pretraining_sequences` (same split, ``max_items`` and ``recent``), item
+    by item: what ``Trainer(ratings=...)`` reads next to those windows."""
+    from recbase.recommend import normalise_ratings
+    from recbase.train import item_windows
+
+    return [normalise_ratings(w, scale) for r in split.train_ratings
+            for w in item_windows(np.asarray(r)[-recent:] if recent else np.asarray(r), max_items)]
+
+
+def evaluate_ratings(split, users, predictors: dict, *, on_valid: bool = False) -> list[dict]:
+    """Rating prediction on one domain: each user's held-out rating (of the test item -- the last
+    rated one -- or of the validation item with ``on_valid``) predicted after the history before it.
+    ``predictors``: name -> ``fn(users, histories, history_ratings, items)`` returning one rating
+    per user. Returns one row per predictor: RMSE, MAE and their standard errors over the users
+    (RMSE's by the delta method), the same users for every predictor."""
+    users = np.asarray(users, dtype=np.int64)
+    if on_valid:
+        hist_all, (hr_all, truth_all), targets = split.valid_histories, split.valid_ratings, split.valid_targets
+    else:
+        hist_all, (hr_all, truth_all), targets = split.test_histories, split.test_ratings, split.test_targets
+    hist, hr = [hist_all[u] for u in users], [hr_all[u] for u in users]
+    items, truth = targets[users], truth_all[users]
+    rows = []
+    for name, fn in predictors.items():
+        pred = np.asarray(fn(users, hist, hr, items), dtype=np.float64).reshape(-1)
+        if pred.shape != truth.shape or not np.isfinite(pred).all():
+            raise ValueError(f"predictor {name!r}: expected {len(truth)} finite ratings, got {pred.shape}")
+        sq, ab = (pred - truth) ** 2, np.abs(pred - truth)
+        n = len(sq)
+        rmse = float(np.sqrt(sq.mean()))
+        rows.append({"model": name, "users": n, "rmse": rmse, "mae": float(ab.mean()),
+                     "se_rmse": float(sq.std(ddof=1) / np.sqrt(n) / (2 * rmse)) if n > 1 and rmse > 0 else float("nan"),
+                     "se_mae": float(ab.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")})
+    return rows
+
+
+def rating_baselines(split) -> dict:
+    """The rating baselines fitted on a split's training ratings (users by their index in the split):
+    global mean, user + item biases, biased matrix factorisation (ALS), as
+    :func:`evaluate_ratings` predictors."""
+    from recbase.baselines import BiasBaseline, GlobalMean, MatrixFactorization
+
+    seqs, rates = split.train_sequences, split.train_ratings
+    u = np.concatenate([np.full(len(s), j, dtype=np.int64) for j, s in enumerate(seqs)])
+    i, r = np.concatenate(seqs), np.concatenate(rates)
+    models = {"global mean": GlobalMean(), "user + item bias": BiasBaseline(),
+              "matrix factorization (ALS)": MatrixFactorization()}
+    return {name: (lambda users, h, hr, items, m=m.fit(u, i, r): m.predict(users, items)) for name, m in models.items()}
 
 
 def sample_users(n: int, limit: int | None, seed: int) -> np.ndarray:

@@ -106,6 +106,29 @@ def score_candidates(model, histories: list[torch.Tensor], candidates: Sequence[
     return [total[bounds[b]:bounds[b + 1]] for b in range(len(candidates))]
 
 
+def _checked_scale(scale) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale: expected (lowest, highest), got {scale!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ValueError(f"scale: expected finite (lowest, highest) with lowest < highest, got {scale!r}")
+    return lo, hi
+
+
+def normalise_ratings(ratings, scale) -> np.ndarray:
+    """A domain's ratings on [lowest, highest] -> [-1, 1] (what the rating task reads and predicts;
+    NaN stays NaN)."""
+    lo, hi = _checked_scale(scale)
+    return 2.0 * (np.asarray(ratings, dtype=np.float64) - lo) / (hi - lo) - 1.0
+
+
+def denormalise_ratings(values, scale) -> np.ndarray:
+    """Inverse of :func:`normalise_ratings`."""
+    lo, hi = _checked_scale(scale)
+    return lo + (np.asarray(values, dtype=np.float64) + 1.0) * (hi - lo) / 2.0
+
+
 def _checked_item_ids(domain: str, ids, n: int) -> list[str]:
     """A catalog's item ids as strings, one per row and unique (default: the row numbers)."""
     if ids is None:
@@ -703,6 +726,80 @@ class Recommender:
             items_out.append(c[order])
             scores_out.append(np.asarray(sc, dtype=np.float64)[order])
         return items_out, scores_out
+
+    @torch.no_grad()
+    def predict_rating(self, histories: Sequence[Sequence[int]], history_ratings: Sequence[Sequence[float]],
+                       items: Sequence[int], domain: str | None = None, scale=None,
+                       batch_size: int = 64) -> np.ndarray:
+        """Rating prediction (the model's rating task): the rating each user would give
+        ``items[b]`` after rating the items of ``histories[b]`` with ``history_ratings[b]`` (the
+        domain's own scale; NaN = interacted but not rated). One RATE sequence per user: its last
+        ``max_items - 1`` history items, their ratings, then the item; the regression head's
+        prediction on the item's last token, mapped back to ``scale`` (default: the scale the model
+        trained on for ``domain``, ``config.rating_scales``) and clipped to it. Returns float64 [B]."""
+        domain = self._domain(domain)
+        cfg = self.model.config
+        if not getattr(cfg, "rating_task", False):
+            raise ValueError("predict_rating needs a model with the rating task (RecBaseConfig(rating_task=True), "
+                             "trained with TrainConfig(tasks={'sequential': ..., 'rating': ...}))")
+        if scale is None:
+            if domain not in cfg.rating_scales:
+                raise ValueError(f"scale: the model has no rating scale for domain {domain!r} (it knows "
+                                 f"{sorted(cfg.rating_scales)}); pass scale=(lowest, highest)")
+            scale = cfg.rating_scales[domain]
+        lo, hi = _checked_scale(scale)
+        items = np.asarray(items)
+        if items.ndim != 1 or len(items) != len(histories) or (len(items) and not np.issubdtype(items.dtype, np.integer)):
+            raise ValueError(f"items: expected one integer item index per history ({len(histories)}), got "
+                             f"{items.dtype} {items.shape}")
+        if len(history_ratings) != len(histories):
+            raise ValueError(f"history_ratings: expected one list per history ({len(histories)}), got {len(history_ratings)}")
+        n, L = len(self.codes[domain]), cfg.levels
+        items = items.astype(np.int64)
+        if len(items) and (items.min() < 0 or items.max() >= n):
+            raise ValueError(f"items: item index {int(items[(items < 0) | (items >= n)][0])} is out of range [0, {n}) "
+                             f"(not in the {domain!r} catalog)")
+        gone = items[self.removed[domain][items]]
+        if len(gone):
+            raise ValueError(f"items: item {self.item_ids[domain][gone[0]]!r} was removed from the {domain!r} catalog")
+        keep = cfg.max_items - 1
+        seqs, rates = [], []
+        for b, (h, r) in enumerate(zip(histories, history_ratings)):
+            h, r = np.asarray(h, dtype=np.int64).reshape(-1), np.asarray(r, dtype=np.float64).reshape(-1)
+            if len(h) != len(r):
+                raise ValueError(f"history_ratings[{b}]: expected one rating per history item ({len(h)}), got {len(r)}")
+            bad = ~np.isnan(r) & ((r < lo) | (r > hi))
+            if bad.any() or np.isinf(r).any():
+                raise ValueError(f"history_ratings[{b}]: rating {float(r[bad | np.isinf(r)][0]):g} is outside the "
+                                 f"domain's scale [{lo:g}, {hi:g}]")
+            seqs.append(np.r_[h[-keep:] if keep else h[:0], items[b]])
+            rates.append(np.r_[normalise_ratings(r[-keep:] if keep else r[:0], (lo, hi)), np.nan])
+        out = np.empty(len(items), dtype=np.float64)
+        tokens = torch.as_tensor(self.vocab.to_tokens(self.codes[domain]))
+        for s in range(0, len(seqs), batch_size):
+            chunk, chunk_r = seqs[s:s + batch_size], rates[s:s + batch_size]
+            ids = torch.cat([torch.cat([torch.tensor([self.vocab.BOS]), tokens[torch.as_tensor(c)].reshape(-1)])
+                             for c in chunk]).to(self.device)
+            lens = torch.tensor([1 + L * len(c) for c in chunk])
+            cu = torch.zeros(len(chunk) + 1, dtype=torch.int64)
+            cu[1:] = lens.cumsum(0)
+            per_token = torch.cat([torch.as_tensor(np.r_[np.nan, np.repeat(r, L)], dtype=torch.float32)
+                                   for r in chunk_r]).to(self.device)
+            extra = {}
+            if domain in self.embeddings and getattr(cfg, "item_vector_dim", 0):
+                vec = self.embeddings[domain].new_zeros((ids.shape[0], self.embeddings[domain].shape[1]))
+                ends = torch.cat([cu[b] + L * torch.arange(1, len(c) + 1) for b, c in enumerate(chunk)])
+                vec[ends.to(self.device)] = self.embeddings[domain][torch.as_tensor(np.concatenate(chunk))]
+                extra["item_vectors"] = vec
+            with self._reading(domain):
+                res = self.model(input_ids=ids, cu_seqlens=cu.to(self.device), output_logits=False,
+                                 task_ids=torch.ones(len(chunk), dtype=torch.int64, device=self.device),
+                                 ratings=per_token, **extra)
+            pred = res.rating_predictions[(cu[1:] - 1).to(self.device)].double().cpu().numpy()
+            if np.isnan(pred).any():
+                raise ValueError("model: a rating prediction is NaN (a diverged or corrupt model)")
+            out[s:s + len(chunk)] = np.clip(denormalise_ratings(pred, (lo, hi)), lo, hi)
+        return out
 
 
 def choose_fusion(rec: Recommender, domain: str, histories, targets, *, reading: str,

@@ -39,10 +39,13 @@ from tqdm.auto import tqdm
 
 from recbase._atomic import atomic_file
 from recbase.masking import mask_entities
+from recbase.model.config import BOS_ID as BOS
 from recbase.model.modeling import IGNORE_INDEX as IGNORE  # one "not a target" label everywhere
 _MASK_STREAM = 0x6D61736B  # separates the masking RNG streams from other uses of the seed
 _SHUFFLE_STREAM = 0x73687566  # and the item-order shuffling stream
 _ROTATION_STREAM = 0x726F74  # and the content-rotation stream
+_TASK_STREAM = 0x7461736B  # and the per-sequence task draws of a task mixture
+TASKS = ("sequential", "rating")  # what a training sequence can ask for (RecBaseConfig.rating_task)
 
 
 def random_rotation(dim: int, rng: np.random.Generator) -> torch.Tensor:
@@ -137,7 +140,21 @@ class TrainConfig:
     # over the ranks (FSDP2 ``fully_shard``, each decoder layer and the whole model) instead of a
     # full replica per rank (DDP). For models too large to replicate; the same step either way.
     fsdp: bool = False
+    # the task mixture (RecSysLLM multi-task training): each training sequence is drawn, per step
+    # and sequence (a pure function of seed, step, index), as a next-item sequence or -- with
+    # probability tasks["rating"] / sum -- as a RATE sequence that also reads and predicts its
+    # items' ratings (needs ``Trainer(ratings=...)`` and a model with ``rating_task``).
+    tasks: dict = field(default_factory=lambda: {"sequential": 1.0})
     extra: dict = field(default_factory=dict)
+
+    def rating_share(self) -> float:
+        """The share of training sequences read as rating sequences (validated)."""
+        t = self.tasks
+        if not isinstance(t, dict) or not t or set(t) - set(TASKS):
+            raise ValueError(f"tasks: expected a mixture {{task: weight}} over {list(TASKS)}, got {t!r}")
+        if any(not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0 for w in t.values()) or not sum(t.values()) > 0:
+            raise ValueError(f"tasks: weights must be finite, >= 0 and not all 0, got {t!r}")
+        return float(t.get("rating", 0.0)) / float(sum(t.values()))
 
 
 def pack_batches(lengths: Sequence[int], tokens_per_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -273,9 +290,11 @@ class Trainer:
 
     def __init__(self, model, train: Sequence, valid: Sequence, config: TrainConfig,
                  output_dir: str | os.PathLike | None = None, item_vectors: ItemVectors | None = None,
-                 valid_groups: dict | None = None):
+                 valid_groups: dict | None = None, ratings: Sequence | None = None):
         if len(train) == 0:
             raise ValueError("train: no training sequences")
+        self.rating_share = config.rating_share()
+        self.ratings = self._check_ratings(model, train, ratings, config)
         # name -> indices into ``valid`` (e.g. one group per domain): each epoch's log record then
         # also holds ``valid_loss_by_group`` (the early-stopping loss stays the one over all of valid)
         self.valid_groups = {}
@@ -345,6 +364,46 @@ class Trainer:
                       "bad_epochs": 0, "history": [], "done": False}
         self._fingerprint = self.fingerprint()
 
+    @staticmethod
+    def _check_ratings(model, train, ratings, config):
+        """Per training sequence, its items' normalised ratings as a per-token float tensor (NaN on
+        BOS and unrated items), or None when no sequence is drawn as a rating sequence."""
+        share = config.rating_share()
+        if ratings is None:
+            if share:
+                raise ValueError(f"tasks {config.tasks}: a rating share needs Trainer(ratings=...), one array of "
+                                 "normalised item ratings per training sequence")
+            return None
+        if not share:
+            raise ValueError("ratings given, but TrainConfig.tasks has no 'rating' share: they would never be read")
+        if not getattr(_core_model(model).config, "rating_task", False):
+            raise ValueError("tasks with a 'rating' share need a model built with RecBaseConfig(rating_task=True)")
+        if config.mask_rate or config.shuffle_rate:
+            raise ValueError("the rating task with mask_rate or shuffle_rate > 0 is not supported (a masked or "
+                             "moved item would carry its rating elsewhere)")
+        if len(ratings) != len(train):
+            raise ValueError(f"ratings: expected one array per training sequence ({len(train)}), got {len(ratings)}")
+        L = int(_core_model(model).config.levels)
+        out = []
+        for i, (seq, r) in enumerate(zip(train, ratings)):
+            r = np.asarray(r, dtype=np.float64).reshape(-1)
+            n_tokens = len(seq)
+            if n_tokens == 0 or int(seq[0]) != BOS or (n_tokens - 1) != L * len(r):
+                raise ValueError(f"ratings[{i}]: expected one rating per item of training sequence {i} "
+                                 f"({(n_tokens - 1) / L:g} items after BOS), got {len(r)}")
+            if np.isinf(r).any() or (np.abs(r[~np.isnan(r)]) > 1 + 1e-6).any():
+                raise ValueError(f"ratings[{i}]: normalised ratings must lie in [-1, 1] (NaN = unknown)")
+            out.append(torch.as_tensor(np.r_[np.nan, np.repeat(r, L)], dtype=torch.float32))
+        return out
+
+    def is_rating_example(self, index: int, step: int) -> bool:
+        """Whether training sequence ``index`` is read as a rating sequence at step ``step``: a pure
+        function of (seed, step, index), so every rank and a resumed run agree."""
+        if not self.rating_share:
+            return False
+        rng = np.random.default_rng([self.cfg.seed, _TASK_STREAM, step, int(index)])
+        return bool(rng.random() < self.rating_share)
+
     # -- checkpoints ----------------------------------------------------------------------------
     def fingerprint(self) -> dict:
         """What this run is: hashes of the training and validation data (and item vectors), the
@@ -364,6 +423,8 @@ class Trainer:
         out = {"train_data": digest(self.train_seqs), "valid_data": digest(self.valid_seqs),
                "settings": json.dumps(settings, sort_keys=True, default=str),
                "model_config": json.dumps(_core_model(self.model).config.to_dict(), sort_keys=True, default=str)}
+        if self.ratings is not None:
+            out["ratings"] = hashlib.sha256(b"".join(r.numpy().tobytes() for r in self.ratings)).hexdigest()[:16]
         if self.item_vectors is not None:
             out["item_vectors"] = hashlib.sha256(self.item_vectors.embeddings.numpy().tobytes()
                                                  + self.item_vectors.keys.numpy().tobytes()).hexdigest()[:16]
@@ -454,11 +515,17 @@ class Trainer:
         return True
 
     # -- steps ----------------------------------------------------------------------------------
-    def _loss(self, seqs, target_items_only=0, train=True, labels=None):
+    def _loss(self, seqs, target_items_only=0, train=True, labels=None, rating_of=None):
+        """Summed loss and target count of a batch; ``rating_of``: per sequence its per-token
+        ratings (a rating sequence) or None (a next-item sequence)."""
         ids, cu, labels = collate(seqs, target_items_only, labels)
         ids, cu, labels = ids.to(self.device), cu.to(self.device), labels.to(self.device)
         model = self.ddp if (train and self.ddp is not None) else self.model
         extra = {}
+        if rating_of is not None and any(r is not None for r in rating_of):
+            extra["task_ids"] = torch.tensor([r is not None for r in rating_of], dtype=torch.int64, device=self.device)
+            extra["ratings"] = torch.cat([torch.full((len(s),), float("nan")) if r is None else r
+                                          for s, r in zip(seqs, rating_of)]).to(self.device)
         if self.item_vectors is not None:
             extra["item_vectors"] = self.item_vectors.per_token(_core_model(self.model), ids, cu).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -530,8 +597,12 @@ class Trainer:
             total_targets += sum(self._num_targets(*collate([x], labels=[y])[1:]) for x, y in masked.values())
             labels = list(local) + [masked[int(i)][1] for i in shard]
             local = local + [masked[int(i)][0] for i in shard]
+        rating_of = None
+        if self.ratings is not None:
+            step = self.state["global_step"]
+            rating_of = [self.ratings[int(i)] if self.is_rating_example(i, step) else None for i in shard]
         if local:
-            loss_sum, _ = self._loss(local, labels=labels)
+            loss_sum, _ = self._loss(local, labels=labels, rating_of=rating_of)
         else:  # more ranks than sequences in this batch: a zero-weighted forward keeps this rank's
             # DDP / FSDP collectives in step with the others and contributes a zero gradient
             loss_sum = self._loss([self.train_seqs[int(batch[0])]])[0] * 0.0

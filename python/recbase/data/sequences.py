@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["ItemIndex", "user_sequences", "chronological_order", "truncate_histories",
+__all__ = ["ItemIndex", "user_sequences", "user_values", "chronological_order", "truncate_histories",
            "pad_sequences"]
 
 
@@ -100,6 +100,20 @@ def user_sequences(interactions: pd.DataFrame, item_index: ItemIndex
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     seqs = np.split(items, starts[1:])
     return users[starts].astype(object), seqs
+
+
+def user_values(interactions: pd.DataFrame, column: str) -> list[np.ndarray]:
+    """Per-user chronological values of ``column`` (e.g. ``rating``) aligned with
+    :func:`user_sequences`: element j of user u's array belongs to item j of u's sequence."""
+    if column not in interactions.columns:
+        raise ValueError(f"interactions needs a {column!r} column, has {list(interactions.columns)}")
+    order = chronological_order(interactions)
+    users = interactions["user_id"].astype(str).to_numpy()[order]
+    vals = interactions[column].to_numpy(dtype=np.float64)[order]
+    if len(users) == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    return np.split(vals, starts[1:])
 
 
 def truncate_histories(sequences: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:

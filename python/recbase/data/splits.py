@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .sequences import ItemIndex, user_sequences
+from .sequences import ItemIndex, user_sequences, user_values
 
 __all__ = ["LeaveOneOutSplit", "leave_one_out", "holdout_last"]
 
@@ -40,6 +40,10 @@ class LeaveOneOutSplit:
     sequences: list[np.ndarray]          # their full chronological sequences
     short_user_ids: np.ndarray           # users with < min_interactions (train only)
     short_sequences: list[np.ndarray]
+    # the rating of each interaction, aligned with sequences / short_sequences (None when the
+    # interactions have no rating column)
+    ratings: list[np.ndarray] | None = None
+    short_ratings: list[np.ndarray] | None = None
 
     @property
     def num_items(self) -> int:
@@ -70,6 +74,28 @@ class LeaveOneOutSplit:
     @property
     def test_targets(self) -> np.ndarray:
         return np.array([s[-1] for s in self.sequences], dtype=np.int64)
+
+    @property
+    def train_ratings(self) -> list[np.ndarray]:
+        """Ratings of :attr:`train_sequences`, item by item."""
+        self._need_ratings()
+        return [r[:-2] for r in self.ratings] + list(self.short_ratings)
+
+    @property
+    def valid_ratings(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """(ratings of each validation history, rating of each validation target)."""
+        self._need_ratings()
+        return [r[:-2] for r in self.ratings], np.array([r[-2] for r in self.ratings], dtype=np.float64)
+
+    @property
+    def test_ratings(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """(ratings of each test history, rating of each test target: the last rated item)."""
+        self._need_ratings()
+        return [r[:-1] for r in self.ratings], np.array([r[-1] for r in self.ratings], dtype=np.float64)
+
+    def _need_ratings(self) -> None:
+        if self.ratings is None:
+            raise ValueError("this split has no ratings (its interactions had no 'rating' column)")
 
     def train_interaction_counts(self) -> np.ndarray:
         """Per-item interaction counts in the training sequences (popularity)."""
@@ -103,12 +129,15 @@ def leave_one_out(data, item_index: ItemIndex | None = None, *,
     users, seqs = user_sequences(inter, item_index)
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     keep = lengths >= min_interactions
+    vals = user_values(inter, "rating") if "rating" in inter.columns else None
     return LeaveOneOutSplit(
         item_index=item_index,
         user_ids=users[keep],
         sequences=[s for s, k in zip(seqs, keep) if k],
         short_user_ids=users[~keep],
         short_sequences=[s for s, k in zip(seqs, keep) if not k],
+        ratings=None if vals is None else [v for v, k in zip(vals, keep) if k],
+        short_ratings=None if vals is None else [v for v, k in zip(vals, keep) if not k],
     )
 
 

@@ -59,6 +59,14 @@ class RecBaseConfig(PretrainedConfig):
         fusion_weights: weight w of the dense score in hybrid scoring, ``(1 - w) * generative +
             w * dense``, per reading: ``{"seen": w, "unseen": w}`` (domains read normally / by content
             alone); chosen on the source domains' validation items (``recbase.recommend.choose_fusion``).
+        rating_task: a second task besides next-item prediction (RecSysLLM / P5 rating prediction).
+            A sequence's task token says which it asks for: BOS for the next item, RATE (BOS's
+            embedding plus a learned task vector) for ratings. In a RATE sequence each item's first
+            token also reads the previous item's rating, and a regression head on each item's last
+            token predicts that item's rating (normalised to [-1, 1] by its domain's scale), trained
+            by ``rating_loss_weight`` x the mean squared error next to the next-concept CE.
+        rating_scales: ``{domain: [lowest, highest]}`` of the ratings the model trained on (what
+            a predicted rating is mapped back to).
     """
 
     model_type = "recbase"
@@ -70,7 +78,8 @@ class RecBaseConfig(PretrainedConfig):
                  initializer_range: float = 0.02, attention_mask_type: str = "causal",
                  item_position_embedding: bool = False, kernel_backend: str = "auto",
                  concept_vector_dim: int = 0, item_vector_dim: int = 0, dense_loss_weight: float = 1.0,
-                 fusion_weights: dict | None = None, vocab_size: int | None = None, **kwargs):
+                 fusion_weights: dict | None = None, rating_task: bool = False, rating_loss_weight: float = 1.0,
+                 rating_scales: dict | None = None, vocab_size: int | None = None, **kwargs):
         if levels < 1 or codebook_size < 1 or max_items < 1:
             raise ValueError(f"levels, codebook_size, max_items must be >= 1, got "
                              f"{levels}, {codebook_size}, {max_items}")
@@ -103,6 +112,13 @@ class RecBaseConfig(PretrainedConfig):
         for key, w in fusion_weights.items():
             if key not in ("seen", "unseen") or not 0.0 <= float(w) <= 1.0:
                 raise ValueError(f"fusion_weights: expected {{'seen'|'unseen': w in [0, 1]}}, got {key!r}: {w!r}")
+        if not rating_loss_weight >= 0:
+            raise ValueError(f"rating_loss_weight must be >= 0, got {rating_loss_weight!r}")
+        rating_scales = {str(k): [float(x) for x in v] for k, v in dict(rating_scales or {}).items()}
+        for key, (lo, hi) in ((k, (v + [0.0, 0.0])[:2]) for k, v in rating_scales.items()):
+            if len(rating_scales[key]) != 2 or not lo < hi:
+                raise ValueError(f"rating_scales[{key!r}]: expected [lowest, highest] with lowest < highest, "
+                                 f"got {rating_scales[key]}")
         if kernel_backend not in ("auto", "reference", "triton"):
             raise ValueError(f"kernel_backend must be 'auto', 'reference' or 'triton', got {kernel_backend!r}")
         self.levels = int(levels)
@@ -125,6 +141,9 @@ class RecBaseConfig(PretrainedConfig):
         self.item_vector_dim = int(item_vector_dim)
         self.dense_loss_weight = float(dense_loss_weight)
         self.fusion_weights = {k: float(v) for k, v in fusion_weights.items()}
+        self.rating_task = bool(rating_task)
+        self.rating_loss_weight = float(rating_loss_weight)
+        self.rating_scales = rating_scales
         kwargs.setdefault("pad_token_id", PAD_ID)
         kwargs.setdefault("bos_token_id", BOS_ID)
         kwargs.setdefault("eos_token_id", EOS_ID)

@@ -52,15 +52,20 @@ IGNORE_INDEX = -100
 
 @dataclass
 class RecBaseOutput(ModelOutput):
-    """loss: mean restricted next-token CE over the targets; logits: restricted next-token logits
-    ([B, T, K] for padded input, [N, K] for packed input; only when asked or when no loss is
-    computed); next_levels: the level each logit row scores (same leading shape as logits)."""
+    """loss: mean restricted next-token CE over the targets (+ the weighted dense and rating
+    losses); logits: restricted next-token logits ([B, T, K] for padded input, [N, K] for packed
+    input; only when asked or when no loss is computed); next_levels: the level each logit row
+    scores (same leading shape as logits); rating_predictions (models with ``rating_task``, given
+    ``task_ids``): each RATE sequence's predicted normalised rating at its items' last tokens, NaN
+    elsewhere (same shape as input_ids)."""
 
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     next_levels: Optional[torch.Tensor] = None
     hidden_states: Optional[torch.Tensor] = None
     dense_loss: Optional[torch.Tensor] = None
+    rating_loss: Optional[torch.Tensor] = None
+    rating_predictions: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -305,6 +310,13 @@ class RecBaseModel(RecBasePreTrainedModel):
         self.item_in = (nn.Linear(config.item_vector_dim, config.hidden_size, bias=False)
                         if config.item_vector_dim else None)
         self.content_mode: tuple | None = None  # set by RecBaseForCausalLM.content_only
+        # rating task: the RATE task token (BOS + a learned task vector) and the previous item's
+        # rating, read on each item's first token of a RATE sequence
+        if config.rating_task:
+            self.rating_start = nn.Parameter(torch.zeros(config.hidden_size))
+            self.rating_in = nn.Linear(1, config.hidden_size)
+        else:
+            self.rating_start, self.rating_in = None, None
         self.layers = nn.ModuleList(RecBaseDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
@@ -325,10 +337,16 @@ class RecBaseModel(RecBasePreTrainedModel):
     def rotary(self, item, dtype):
         return rotary_cos_sin(item, self.config.head_dim, self.config.rope_theta, dtype)
 
-    def forward(self, ids, cu_seqlens, item, level, backend, cache_out=None, item_vectors=None):
+    def forward(self, ids, cu_seqlens, item, level, backend, cache_out=None, item_vectors=None,
+                rating_inputs=None):
         h = self.embed(ids, level, item, backend)
         if item_vectors is not None and self.item_in is not None:
             h = h + _project(self.item_in, item_vectors.to(h.dtype), self.content_mode).to(h.dtype)
+        if rating_inputs is not None:  # (RATE task-token mask [N], previous item's rating [N], NaN = none)
+            start, prev = rating_inputs
+            h = h + start[:, None].to(h.dtype) * self.rating_start.to(h.dtype)
+            known = ~torch.isnan(prev)
+            h = h + known[:, None].to(h.dtype) * self.rating_in(prev.nan_to_num(0.0)[:, None].to(h.dtype))
         cos, sin = self.rotary(item, h.dtype)
         mask = self.config.attention_mask_type
         for layer in self.layers:
@@ -351,6 +369,7 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
             self.dense_log_temperature = nn.Parameter(torch.tensor(math.log(0.1)))
         else:
             self.dense_query = self.dense_key = self.dense_log_temperature = None
+        self.rating_head = nn.Linear(config.hidden_size, 1) if config.rating_task else None
         self.post_init()
 
     @torch.no_grad()
@@ -498,7 +517,8 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
                 cu_seqlens: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 return_loss: Optional[bool] = None, output_logits: Optional[bool] = None,
                 output_hidden_states: bool = False, return_dict: bool = True,
-                item_vectors: Optional[torch.Tensor] = None, **kwargs) -> RecBaseOutput:
+                item_vectors: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None,
+                ratings: Optional[torch.Tensor] = None, **kwargs) -> RecBaseOutput:
         """Next-token scoring restricted to the next level's codes.
 
         input_ids: padded [B, T] (+ attention_mask, default ``input_ids != PAD``) or packed [N] with
@@ -507,7 +527,12 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         item_vectors (models with ``item_vector_dim``): the text embedding of each token's item,
         [B, T, d] or [N, d] like input_ids (read at each item's last token only). With a loss, the
         dense alignment loss is added (``dense_loss_weight``; also returned as ``dense_loss``).
-        Returns RecBaseOutput(loss, logits, next_levels, dense_loss).
+        task_ids (models with ``rating_task``): [B] per sequence, 0 = next item (BOS), 1 = rating
+        (RATE: the sequence must start with BOS, whose slot becomes the RATE task token); ratings:
+        like input_ids, each token's item's rating normalised to [-1, 1] (read at the item's last
+        token; NaN = unknown, and NaN in every next-item sequence). With a loss, ``rating_loss_weight``
+        x the rating MSE over the RATE sequences' rated items is added (also ``rating_loss``).
+        Returns RecBaseOutput(loss, logits, next_levels, dense_loss, rating_loss, rating_predictions).
         """
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -527,7 +552,14 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         if item_vectors is not None:
             vectors = self._check_item_vectors(item_vectors, tuple(input_ids.shape))
             vectors = (vectors[keep] if padded else vectors).to(ids.device)
-        h = self.model(ids, cu32, item, level, self.backend, item_vectors=self._at_item_ends(vectors, ids, level))
+        rating = self._rating_layout(task_ids, ratings, ids, level, seq, cu.numel() - 1, tuple(input_ids.shape), keep)
+        h = self.model(ids, cu32, item, level, self.backend, item_vectors=self._at_item_ends(vectors, ids, level),
+                       rating_inputs=None if rating is None else rating[:2])
+        rating_loss = rating_pred = None
+        if rating is not None:
+            _, _, rating_target, rating_end = rating
+            rating_pred = torch.full((ids.shape[0],), float("nan"), device=h.device)
+            rating_pred[rating_end] = self.rating_head(h[rating_end]).squeeze(-1).float()
 
         want_loss = labels is not None or bool(return_loss)
         loss = dense_loss = None
@@ -547,6 +579,11 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
             if vectors is not None:
                 dense_loss = self._dense_loss(h, ids, level, seq, target, vectors)
                 loss = loss + self.config.dense_loss_weight * dense_loss
+            if rating is not None:
+                rated = rating_end & ~torch.isnan(rating_target)
+                rating_loss = (((rating_pred[rated] - rating_target[rated]) ** 2).mean() if bool(rated.any())
+                               else h.sum() * 0.0)
+                loss = loss + self.config.rating_loss_weight * rating_loss
         logits = None
         if output_logits or (output_logits is None and not want_loss):
             logits = level_logits(h, self._concept_head(), next_level, self.config.levels)
@@ -558,9 +595,67 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
                 nl = next_level.new_full((b, t), -1)
                 nl[keep] = next_level
                 next_level = nl
+        if rating_pred is not None and padded:
+            full_pred = rating_pred.new_full(tuple(input_ids.shape), float("nan"))
+            full_pred[keep] = rating_pred
+            rating_pred = full_pred
         out = RecBaseOutput(loss=loss, logits=logits, next_levels=next_level if logits is not None else None,
-                            hidden_states=h if output_hidden_states else None, dense_loss=dense_loss)
+                            hidden_states=h if output_hidden_states else None, dense_loss=dense_loss,
+                            rating_loss=rating_loss, rating_predictions=rating_pred)
         return out if return_dict else out.to_tuple()
+
+    # ------------------------------------------------------------------ rating task
+    def _rating_layout(self, task_ids, ratings, ids, level, seq, n_seq, shape, keep):
+        """None without task_ids/ratings, else (RATE task-token mask, previous item's rating,
+        rating target, rating positions) per packed token: a RATE sequence's item rating is its
+        last token's target and the next item's first token's input (never its own item's)."""
+        if task_ids is None and ratings is None:
+            return None
+        if not self.config.rating_task:
+            raise ValueError("task_ids / ratings need a model built with rating_task=True")
+        dev = ids.device
+        task = torch.zeros(n_seq, dtype=torch.int64, device=dev)
+        if task_ids is not None:
+            task_ids = torch.as_tensor(task_ids)
+            if task_ids.dim() != 1 or task_ids.dtype not in (torch.int32, torch.int64, torch.bool):
+                raise ValueError(f"task_ids: expected a 1-D integer tensor (one task per sequence), got "
+                                 f"{task_ids.dtype} {tuple(task_ids.shape)}")
+            if task_ids.numel() != n_seq:
+                raise ValueError(f"task_ids: expected one task per sequence ({n_seq}), got {task_ids.numel()}")
+            if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) > 1):
+                raise ValueError(f"task_ids: expected 0 (next item) or 1 (rating), got values in "
+                                 f"[{int(task_ids.min())}, {int(task_ids.max())}]")
+            task = task_ids.to(device=dev, dtype=torch.int64)
+        in_rating = task[seq] == 1
+        r = torch.full((ids.shape[0],), float("nan"), device=dev)
+        if ratings is not None:
+            ratings = torch.as_tensor(ratings)
+            if not ratings.is_floating_point() or tuple(ratings.shape) != shape:
+                raise ValueError(f"ratings: expected a float tensor shaped like input_ids {shape}, got "
+                                 f"{ratings.dtype} {tuple(ratings.shape)}")
+            r = (ratings[keep.to(ratings.device)] if len(shape) == 2 else ratings).to(device=dev, dtype=torch.float32)
+            known = ~torch.isnan(r)
+            if bool((known & (r.abs() > 1 + 1e-6)).any()) or bool(torch.isinf(r).any()):
+                raise ValueError("ratings: normalised ratings must lie in [-1, 1] (NaN = unknown); map a "
+                                 "domain's scale with recbase.recommend.normalise_ratings")
+            if bool((known & ~in_rating).any()):
+                raise ValueError("ratings: a next-item sequence (task 0) holds ratings; only RATE "
+                                 "sequences (task_ids 1) read them")
+        pos_first = torch.zeros_like(in_rating)
+        if seq.numel():
+            pos_first[0] = True
+            pos_first[1:] = seq[1:] != seq[:-1]
+        start = in_rating & pos_first
+        if bool((start & (ids != BOS_ID)).any()):
+            raise ValueError("task_ids: a RATE sequence must start with BOS (its slot holds the task token)")
+        end = in_rating & (level == self.config.levels - 1) & (ids >= NUM_SPECIAL_TOKENS)
+        target = torch.where(end, r, torch.full_like(r, float("nan")))
+        prev = torch.full_like(r, float("nan"))
+        e = end.nonzero().squeeze(1)
+        e = e[e + 1 < ids.shape[0]]
+        e = e[seq[e + 1] == seq[e]]
+        prev[e + 1] = r[e]
+        return start, prev, target, end
 
     # ------------------------------------------------------------------ dense item channel
     def _check_item_vectors(self, vectors, shape) -> torch.Tensor:
