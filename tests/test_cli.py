@@ -546,3 +546,42 @@ def _template_for_test():
     from recbase.data.text import ItemTemplate
 
     return ItemTemplate("movie", {"Title": "title", "Genres": "genres"})
+
+
+def test_cli_rating_task_pretrain_and_evaluate(tmp_path, capsys):
+    """pretrain --tasks sequential=1,rating=1 on interactions with ratings, then evaluate --task
+    rating (recbase next to the rating baselines) and --task direct; bad --tasks are refused."""
+    items, common = user_files(tmp_path, 3)
+    inter = pd.read_csv(tmp_path / "inter.csv")
+    quality = {f"m{i}": 1 + i % 5 for i in range(40)}
+    inter.assign(rating=inter.item_id.map(quality)).to_csv(tmp_path / "rated.csv", index=False)
+    tok, model = tmp_path / "tok", tmp_path / "model"
+    assert main(["tokenize", *common, "--fields", "Title=title,Genres=genres", "--levels", "2",
+                 "--codebook-size", "8", "--output", str(tok)]) == 0
+    pretrain = ["pretrain", *common, "--tokenizer", str(tok), "--preset", "tiny", "--max-items", "6", "--epochs", "2",
+                "--tokens-per-batch", "256"]
+    capsys.readouterr()
+    for bad, msg in ((["--tasks", "sequential=1,explain=1"], "tasks"), (["--tasks", "rating=x"], "task=weight"),
+                     (["--tasks", "rating=1", "--interactions", str(tmp_path / "inter.csv")], "no explicit ratings")):
+        argv = [*pretrain, *bad, "--output", str(tmp_path / "bad")]
+        if "--interactions" not in argv:
+            argv += ["--interactions", str(tmp_path / "rated.csv")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+    assert main([*pretrain, "--interactions", str(tmp_path / "rated.csv"), "--tasks", "sequential=1,rating=1",
+                 "--output", str(model)]) == 0
+    saved = json.loads((model / "config.json").read_text())
+    assert saved["rating_task"] and saved["rating_scales"] == {"movies": [1.0, 5.0]}
+    capsys.readouterr()
+    evaluate = ["evaluate", *common, "--interactions", str(tmp_path / "rated.csv"), "--tokenizer", str(tok),
+                "--model", str(model)]
+    assert main([*evaluate, "--task", "rating"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert set(rows) == {"recbase", "global mean", "user + item bias", "matrix factorization (ALS)"}
+    for r in rows.values():
+        assert 0.0 <= r["mae"] <= r["rmse"] <= 4.0 and r["users"] == 30
+    # interactions without ratings: a clear error
+    assert main(["evaluate", *common, "--interactions", str(tmp_path / "inter.csv"), "--tokenizer", str(tok),
+                 "--model", str(model), "--task", "rating"]) == 2
+    assert "no explicit ratings" in capsys.readouterr().err

@@ -236,16 +236,27 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         return _pretrain_corpus(args)
     if args.hold_out:
         raise ValueError("--hold-out needs --corpus")
+    tasks = _tasks(args)
     tok, index, data = _single_domain_files(args)
     split = leave_one_out(data, index)
     train, valid = pretraining_sequences(split, tok.tokens(tok.codes), tok.vocab.BOS, args.max_items)
+    ratings, scales = None, {}
+    if TrainConfig(tasks=tasks).rating_share():
+        from recbase.pipeline import rating_scale, rating_windows
+
+        scale = rating_scale(split)
+        if scale is None:
+            raise ValueError(f"--tasks {args.tasks}: --interactions has no explicit ratings (no 'rating' column, "
+                             "or one value everywhere)")
+        ratings, scales = rating_windows(split, args.max_items, None, scale), {args.domain: scale}
     content = args.content_rotation_rate > 0  # concept content vectors: needed to go zero-shot
     emb = _tokenizer_embeddings(Path(args.tokenizer), len(tok.codes)) if args.dense else None
     vectors = ItemVectors(tok.tokens(tok.codes), emb, tok.codebook_size) if args.dense else None
     cfg = RecBaseConfig.from_preset(args.preset, levels=tok.id_length, codebook_size=tok.codebook_size,
                                     max_items=args.max_items,
                                     concept_vector_dim=tok.quantizer.codebooks.shape[2] if content else 0,
-                                    item_vector_dim=emb.shape[1] if args.dense else 0)
+                                    item_vector_dim=emb.shape[1] if args.dense else 0,
+                                    rating_task=ratings is not None, rating_scales=scales)
     model = RecBaseForCausalLM(cfg)
     if content:
         model.set_concept_vectors(tok.quantizer.codebooks)
@@ -253,8 +264,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     batch = {} if args.tokens_per_batch is None else {"tokens_per_batch": args.tokens_per_batch}
     Trainer(model, train, valid, TrainConfig(epochs=args.epochs, lr=args.lr, device=args.device, seed=args.seed,
                                              content_rotation_rate=args.content_rotation_rate,
-                                             shuffle_rate=args.shuffle_rate, **batch),
-            output_dir=out / "run", item_vectors=vectors).fit()
+                                             shuffle_rate=args.shuffle_rate, tasks=tasks, **batch),
+            output_dir=out / "run", item_vectors=vectors, ratings=ratings).fit()
     if args.recent_pass_epochs:
         recent_pass(model, split, tok.tokens(tok.codes), tok.vocab.BOS, args.max_items, valid,
                     epochs=args.recent_pass_epochs, seed=args.seed + 1, device=args.device,
@@ -273,6 +284,21 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks(args) -> dict:
+    """--tasks "sequential=1,rating=1" -> {"sequential": 1.0, "rating": 1.0} (checked like TrainConfig.tasks)."""
+    from recbase.train import TrainConfig
+
+    tasks = {}
+    for part in str(getattr(args, "tasks", "sequential=1")).split(","):
+        name, sep, weight = part.partition("=")
+        try:
+            tasks[name.strip()] = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"--tasks: expected task=weight pairs such as 'sequential=1,rating=1', got {args.tasks!r}") from None
+    TrainConfig(tasks=tasks).rating_share()  # unknown task names, negative or all-zero weights
+    return tasks
+
+
 def _check_rates(args) -> None:
     """The share options of pretraining, refused before any data is loaded."""
     for flag in ("content_rotation_rate", "shuffle_rate"):
@@ -288,7 +314,7 @@ def _corpus_settings(args):
                             num_layers=getattr(args, "layers", None), max_items=args.max_items, epochs=args.epochs, lr=args.lr,
                             content_rotation_rate=args.content_rotation_rate, shuffle_rate=args.shuffle_rate,
                             recent_pass_epochs=args.recent_pass_epochs, dense=args.dense, seed=args.seed,
-                            device=args.device, **({} if args.tokens_per_batch is None
+                            device=args.device, tasks=_tasks(args), **({} if args.tokens_per_batch is None
                                                    else {"tokens_per_batch": args.tokens_per_batch}))
 
 
@@ -375,6 +401,19 @@ def _evaluate_corpus(args) -> int:
         raise ValueError(f"--corpus: domain {args.domain!r} has other items than the run in {args.model} "
                          "was tokenized on (item_ids.json differs); pretrain again on this corpus")
     d.codes = tok.codes[lo:hi]
+    if args.task == "rating":
+        from recbase.recommend import Recommender
+
+        rec = Recommender(model, tok.vocab, {args.domain: d.codes}, device=args.device,
+                          unseen_domains=[args.domain] if args.zero_shot else [],
+                          item_embeddings={args.domain: d.embeddings} if getattr(model.config, "item_vector_dim", 0)
+                          else None)
+        rows = _rating_rows(rec, args.domain, d.split, args)
+        print("| domain | model | rmse | se_rmse | mae | se_mae |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {args.domain} | {r['model']} | " + " | ".join(f"{r[c]:.4f}" for c in ("rmse", "se_rmse", "mae", "se_mae"))
+                  + " |")
+        return 0
     rows = evaluate_domain(model, tok, domains, args.domain, zero_shot=args.zero_shot,
                            max_users=args.max_users or None, num_beams=max(args.num_beams, 20), seed=args.seed,
                            device=args.device, text_sasrec=peer, direct=args.task == "direct",
@@ -453,9 +492,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.task == "direct":
         print(json.dumps(_direct_on_split(rec, domain, split, args), indent=2))
         return 0
+    if args.task == "rating":
+        print(json.dumps({r.pop("model"): r for r in _rating_rows(rec, domain, split, args)}, indent=2))
+        return 0
     items, _ = rec.recommend(split.test_histories, k=20, domain=domain, num_beams=args.num_beams, mode=args.mode)
     print(json.dumps(evaluate_rankings(items, split.test_targets), indent=2))
     return 0
+
+
+def _rating_rows(rec, domain, split, args) -> list[dict]:
+    """--task rating: each user's last rated item, recbase next to the global mean, user + item
+    biases and matrix factorisation fitted on the same training ratings."""
+    from recbase.pipeline import evaluate_ratings, rating_baselines, rating_scale, sample_users
+
+    if rating_scale(split) is None:
+        raise ValueError("--task rating: the interactions have no explicit ratings (no 'rating' column, or one "
+                         "value everywhere)")
+    if not getattr(rec.model.config, "rating_task", False):
+        raise ValueError("--task rating needs a model pretrained with --tasks sequential=1,rating=1")
+    users = sample_users(split.num_users, args.max_users or None, args.seed)
+    return evaluate_ratings(split, users, {
+        "recbase": lambda u, h, hr, items: rec.predict_rating(h, hr, items, domain=domain),
+        **rating_baselines(split)})
 
 
 def _direct_on_split(rec, domain, split, args) -> dict:
@@ -733,6 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dense", action="store_true",
                    help="add the dense item channel (items also read through the tokenizer's embeddings.npy) "
                         "and choose the hybrid fusion weights on the validation items")
+    s.add_argument("--tasks", default="sequential=1",
+                   help="the task mixture, e.g. 'sequential=1,rating=1': that share of training windows is also "
+                        "read with its items' ratings and trains rating prediction (needs a 'rating' column)")
     s.add_argument("--output", required=True)
     s.set_defaults(func=_cmd_pretrain)
 
@@ -740,9 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(s, need_model=True, need_inter=True, corpus=True)
     s.add_argument("--zero-shot", action="store_true",
                    help="with --corpus: the domain was held out from pretraining; read it zero-shot")
-    s.add_argument("--task", default="sequential", choices=["sequential", "direct"],
+    s.add_argument("--task", default="sequential", choices=["sequential", "direct", "rating"],
                    help="sequential: the next item over the whole catalog; direct: the held-out item among 99 "
-                        "sampled items the user never interacted with (P5), next to the baselines")
+                        "sampled items the user never interacted with (P5), next to the baselines; rating: the "
+                        "last rated item's rating (RMSE / MAE) next to the global mean, biases and MF")
     s.add_argument("--num-negatives", type=int, default=99,
                    help="with --task direct: sampled negatives per user (P5: 99)")
     s.add_argument("--max-users", type=int, default=2000,
