@@ -46,3 +46,9 @@ def test_readme_serving_example_runs(capsys, tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), {})
     assert capsys.readouterr().out.splitlines()[-1] == "(6, 4)"
     assert (tmp_path / "my-bundle" / "bundle.json").is_file()
+
+
+def test_readme_tasks_example_runs(capsys):
+    [block] = [b for b in python_blocks() if "predict_rating" in b]
+    exec(compile(block, "README.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines()[-2:] == ["(1,) True", "[3, 9, 12] True"]
