@@ -522,7 +522,7 @@ class Trainer:
         ids, cu, labels = ids.to(self.device), cu.to(self.device), labels.to(self.device)
         model = self.ddp if (train and self.ddp is not None) else self.model
         extra = {}
-        if rating_of is not None and any(r is not None for r in rating_of):
+        if rating_of is not None:  # even without a RATE sequence in it, so the rating parameters take part
             extra["task_ids"] = torch.tensor([r is not None for r in rating_of], dtype=torch.int64, device=self.device)
             extra["ratings"] = torch.cat([torch.full((len(s),), float("nan")) if r is None else r
                                           for s, r in zip(seqs, rating_of)]).to(self.device)

@@ -558,8 +558,9 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
         rating_loss = rating_pred = None
         if rating is not None:
             _, _, rating_target, rating_end = rating
+            head_out = self.rating_head(h[rating_end]).squeeze(-1).float()
             rating_pred = torch.full((ids.shape[0],), float("nan"), device=h.device)
-            rating_pred[rating_end] = self.rating_head(h[rating_end]).squeeze(-1).float()
+            rating_pred[rating_end] = head_out
 
         want_loss = labels is not None or bool(return_loss)
         loss = dense_loss = None
@@ -580,9 +581,12 @@ class RecBaseForCausalLM(RecBasePreTrainedModel):
                 dense_loss = self._dense_loss(h, ids, level, seq, target, vectors)
                 loss = loss + self.config.dense_loss_weight * dense_loss
             if rating is not None:
-                rated = rating_end & ~torch.isnan(rating_target)
-                rating_loss = (((rating_pred[rated] - rating_target[rated]) ** 2).mean() if bool(rated.any())
-                               else h.sum() * 0.0)
+                truth = rating_target[rating_end]
+                rated = ~torch.isnan(truth)
+                # without a rated item the loss still touches the head (and the RATE inputs did), so
+                # every rating parameter takes part in each step (DDP needs that)
+                rating_loss = (((head_out[rated] - truth[rated]) ** 2).mean() if bool(rated.any())
+                               else head_out.sum() * 0.0)
                 loss = loss + self.config.rating_loss_weight * rating_loss
         logits = None
         if output_logits or (output_logits is None and not want_loss):
