@@ -264,18 +264,33 @@ def evaluate_ratings(split, users, predictors: dict, *, on_valid: bool = False) 
     return rows
 
 
-def rating_baselines(split) -> dict:
+BIAS_GRID = ((5.0, 5.0), (15.0, 10.0), (25.0, 25.0))  # (reg_u, reg_i)
+MF_GRID = (0.02, 0.05, 0.1, 0.2)  # reg, 32 factors
+
+
+def rating_baselines(split, tune: bool = True) -> dict:
     """The rating baselines fitted on a split's training ratings (users by their index in the split):
-    global mean, user + item biases, biased matrix factorisation (ALS), as
-    :func:`evaluate_ratings` predictors."""
+    global mean, user + item biases, biased matrix factorisation (ALS), as :func:`evaluate_ratings`
+    predictors. With ``tune`` the biases' and MF's regularisation are chosen on the validation
+    ratings (``BIAS_GRID``, ``MF_GRID``; the validation items are never in the training ratings)."""
     from recbase.baselines import BiasBaseline, GlobalMean, MatrixFactorization
 
     seqs, rates = split.train_sequences, split.train_ratings
     u = np.concatenate([np.full(len(s), j, dtype=np.int64) for j, s in enumerate(seqs)])
     i, r = np.concatenate(seqs), np.concatenate(rates)
-    models = {"global mean": GlobalMean(), "user + item bias": BiasBaseline(),
-              "matrix factorization (ALS)": MatrixFactorization()}
-    return {name: (lambda users, h, hr, items, m=m.fit(u, i, r): m.predict(users, items)) for name, m in models.items()}
+    vu = np.arange(split.num_users)
+    vi, vr = split.valid_targets, split.valid_ratings[1]
+
+    def best(candidates):
+        fitted = [m.fit(u, i, r) for m in candidates]
+        if not tune or len(fitted) == 1:
+            return fitted[0]
+        return min(fitted, key=lambda m: float(((m.predict(vu, vi) - vr) ** 2).mean()))
+
+    models = {"global mean": GlobalMean().fit(u, i, r),
+              "user + item bias": best([BiasBaseline(a, b) for a, b in (BIAS_GRID if tune else BIAS_GRID[1:2])]),
+              "matrix factorization (ALS)": best([MatrixFactorization(reg=g) for g in (MF_GRID if tune else (0.05,))])}
+    return {name: (lambda users, h, hr, items, m=m: m.predict(users, items)) for name, m in models.items()}
 
 
 def sample_users(n: int, limit: int | None, seed: int) -> np.ndarray:

@@ -115,10 +115,10 @@ class RecBaseConfig(PretrainedConfig):
         if not rating_loss_weight >= 0:
             raise ValueError(f"rating_loss_weight must be >= 0, got {rating_loss_weight!r}")
         rating_scales = {str(k): [float(x) for x in v] for k, v in dict(rating_scales or {}).items()}
-        for key, (lo, hi) in ((k, (v + [0.0, 0.0])[:2]) for k, v in rating_scales.items()):
-            if len(rating_scales[key]) != 2 or not lo < hi:
+        for key, scale in rating_scales.items():
+            if len(scale) != 2 or not scale[0] < scale[1]:
                 raise ValueError(f"rating_scales[{key!r}]: expected [lowest, highest] with lowest < highest, "
-                                 f"got {rating_scales[key]}")
+                                 f"got {scale}")
         if kernel_backend not in ("auto", "reference", "triton"):
             raise ValueError(f"kernel_backend must be 'auto', 'reference' or 'triton', got {kernel_backend!r}")
         self.levels = int(levels)
