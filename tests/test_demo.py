@@ -57,7 +57,9 @@ def test_quick_demo_end_to_end_on_validation_items(tmp_path):
     for r in direct.values():
         assert 0.0 <= r["hr@1"] <= r["hr@5"] <= r["hr@10"] <= 1.0 and r["ndcg@10"] <= r["hr@10"] and r["users"] == 300
     assert direct[("movies", "generative")]["hr@10"] > direct[("movies", "popularity")]["hr@10"]
-    assert "| movies | recbase hybrid (pretrained) |" in (out / "results.md").read_text().split("Direct recommendation")[1]
+    direct_md = (out / "results.md").read_text().split("Direct recommendation")[1]
+    assert "| movies | recbase hybrid (pretrained) |" in direct_md
+    assert "| movies | recbase hybrid (pretrained) | SASRec (in-domain) |" in direct_md.split("Δ hr@10")[1]
     assert result["tokenizer"]["unique_after_dedup"]
     # the closing pass over each user's latest window ran once, after pretraining
     assert len(result["recent_pass_history"]) == 1 and (out / "recent-pass" / "checkpoint.pt").exists()

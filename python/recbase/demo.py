@@ -251,7 +251,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 5c. CTR protocol (AUC): history = sequence minus its last up-to-10 items, which are the
     # positives (on validation: the training sequence, so no validation or test item is scored)
-    ctr, direct_rows = {}, []
+    ctr, direct_rows, direct_ranks = {}, [], {}
     for domain, split, users, scorers in (
             ("movies", ml_split, ml_users, {"popularity": pop, "text-kNN": knn, "SASRec (in-domain)": sas,
                                             **({"TextSASRec (in-domain)": tsas} if tsas else {}),
@@ -263,9 +263,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         for name, auc in ctr_auc(split, users, fns, on_valid=on_valid, seed=cfg.seed + (7 if on_valid else 0)).items():
             ctr[(domain, name)] = auc
         if cfg.direct:  # the same scorers on P5's 1 + 99 candidates per user
-            for name, res in direct_metrics(split, users, fns, on_valid=on_valid,
+            ranks = {}
+            for name, res in direct_metrics(split, users, fns, on_valid=on_valid, ranks=ranks,
                                             seed=cfg.seed + (7 if on_valid else 0)).items():
                 direct_rows.append({"domain": domain, "model": name, **res})
+            direct_ranks[domain] = ranks
     for row in rows:
         name = row["model"]
         key = (row["domain"], name.split()[1] if name.startswith("recbase ") and cfg.dense
@@ -275,7 +277,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     table = _markdown_table(rows, cfg.ks) + "\n\n" + _paired_differences(user_metrics)
     if direct_rows:
-        table += "\n\n" + _direct_table(direct_rows, rows)
+        table += "\n\n" + _direct_table(direct_rows, rows, direct_ranks)
     if on_valid:
         table = ("Validation items (not the test items). SASRec early-stops on these same items, so its "
                  "row is optimistic.\n\n" + table)
@@ -308,9 +310,9 @@ def _paired_differences(per_user: dict) -> str:
     return "\n".join(lines)
 
 
-def _direct_table(direct_rows: list[dict], rows: list[dict]) -> str:
+def _direct_table(direct_rows: list[dict], rows: list[dict], ranks: dict) -> str:
     """Direct recommendation (P5: the held-out item among 99 sampled unseen items), named as in
-    the ranking table."""
+    the ranking table, then recbase minus each peer per user (paired) with its standard error."""
     cols = ["hr@1", "hr@5", "hr@10", "se_hr@10", "ndcg@5", "ndcg@10", "se_ndcg@10"]
     lines = ["Direct recommendation among 1 + 99 candidates per user (seeded; the same candidates for every model):",
              "", "| domain | model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
@@ -324,6 +326,18 @@ def _direct_table(direct_rows: list[dict], rows: list[dict]) -> str:
     for r in direct_rows:
         name = labels.get((r["domain"], r["model"]), r["model"])
         lines.append(f"| {r['domain']} | {name} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+    lines += ["", "| domain | recbase | peer | Δ hr@10 ± SE | Δ ndcg@10 ± SE |", "|---|---|---|---|---|"]
+    for domain, by_name in ranks.items():
+        per = {n: {"hr": (r <= 10).astype(np.float64), "ndcg": np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)}
+               for n, r in by_name.items()}
+        for ours in (n for n in per if n in ("generative", "dense", "hybrid")):
+            for peer in (n for n in per if n not in ("generative", "dense", "hybrid", "popularity")):
+                cells = []
+                for m in ("hr", "ndcg"):
+                    diff = per[ours][m] - per[peer][m]
+                    cells.append(f"{diff.mean():+.4f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.4f}")
+                lines.append(f"| {domain} | {labels.get((domain, ours), ours)} | {labels.get((domain, peer), peer)} | "
+                             + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

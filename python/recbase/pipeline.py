@@ -356,14 +356,15 @@ def ctr_auc(split, users, scorers: dict, *, on_valid: bool = False, seed: int = 
 
 
 def direct_metrics(split, users, scorers: dict, *, on_valid: bool = False, num_negatives: int = 99,
-                   seed: int = 0, ks=(1, 5, 10)) -> dict[str, dict]:
+                   seed: int = 0, ks=(1, 5, 10), ranks: dict | None = None) -> dict[str, dict]:
     """P5's direct recommendation on one domain: per user the held-out item (the test item, or
     the validation item with ``on_valid``) among ``num_negatives`` items the user never
     interacted with (seeded; :func:`recbase.evaluate.sample_candidate_sets`), after the history
     before it. ``scorers``: name -> ``fn(histories, candidates)`` returning per-user score arrays
     (``Recommender.score``, a baseline's ``score``). Returns name -> HR@K / NDCG@K with standard
-    errors (:func:`recbase.evaluate.evaluate_candidates`), every scorer on the same candidates."""
-    from recbase.evaluate import evaluate_candidates, sample_candidate_sets
+    errors (:func:`recbase.evaluate.evaluate_candidates`), every scorer on the same candidates.
+    ``ranks``: a dict that receives name -> each user's rank of the positive (for paired differences)."""
+    from recbase.evaluate import candidate_ranks, evaluate_candidates, sample_candidate_sets
 
     users = np.asarray(users, dtype=np.int64)
     hist = split.valid_histories if on_valid else split.test_histories
@@ -371,9 +372,13 @@ def direct_metrics(split, users, scorers: dict, *, on_valid: bool = False, num_n
     sets = sample_candidate_sets(targets, split.num_items, exclude=[split.sequences[u] for u in users],
                                  num_negatives=num_negatives, seed=seed)
     histories = [hist[u] for u in users]
-    return {name: evaluate_candidates(np.stack([np.asarray(x, dtype=np.float64) for x in
-                                                fn(histories, list(sets.items))]), sets, ks)
-            for name, fn in scorers.items()}
+    out = {}
+    for name, fn in scorers.items():
+        scores = np.stack([np.asarray(x, dtype=np.float64) for x in fn(histories, list(sets.items))])
+        out[name] = evaluate_candidates(scores, sets, ks)
+        if ranks is not None:
+            ranks[name] = candidate_ranks(scores, sets)
+    return out
 
 
 def evaluate_domain(model, tok, domains: dict[str, DomainData], domain: str, *, zero_shot: bool,
