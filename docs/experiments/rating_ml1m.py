@@ -2,8 +2,8 @@
 
     python docs/experiments/rating_ml1m.py OUT [--valid]
 
-Two models of the demo's settings (recbase.pipeline.PretrainSettings defaults: hidden 128, 2
-layers, 15 items, 5 epochs of 2,048-token batches, rotation 0.5, recent pass, dense channel),
+Two models of the demo's settings (hidden 128, 2 layers; otherwise recbase.pipeline.PretrainSettings
+defaults: 15 items, 5 epochs of 2,048-token batches, rotation 0.5, recent pass, dense channel),
 pretrained on the same ML-1M windows for the same number of steps: sequential only, and a
 task mixture of 1:1 (each window drawn per step as a next-item or a RATE sequence; nothing tuned).
 Then, on the same 2,000 seeded users (test items, or validation items with --valid):
@@ -44,7 +44,8 @@ split = "valid" if on_valid else "test"
 result = {"split": split, "arms": {}}
 for arm, tasks in (("sequential only", {"sequential": 1.0}), ("multi-task 1:1", {"sequential": 1.0, "rating": 1.0})):
     t0 = time.perf_counter()
-    pre = pretrain_domains(domains, tok, ["movies"], PretrainSettings(tasks=tasks), output_dir=out / arm.split()[0])
+    settings = PretrainSettings(hidden_size=128, num_layers=2, tasks=tasks)  # the demo's (DemoConfig)
+    pre = pretrain_domains(domains, tok, ["movies"], settings, output_dir=out / arm.split()[0])
     wall = time.perf_counter() - t0
     rows = evaluate_domain(pre.model, tok, domains, "movies", zero_shot=False, split=split, max_users=2000,
                            seed=0 if not on_valid else 7, auc=False, direct=True)
